@@ -1,0 +1,301 @@
+"""The database schema as typed SQLAlchemy models, shared by SQLite and PostgreSQL.
+
+Changes reach a database only through Alembic migrations in `migrations/`; a test checks that the two agree.
+JSON documents (context, tool calls, details) are stored as text exactly as produced, so the audit hash chain
+covers the very bytes that were sent and PostgreSQL cannot reorder their keys.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+GENESIS_HASH = "0" * 64
+
+
+class Role(StrEnum):
+    STAFF = "staff"
+    ADMIN = "admin"
+    AUDITOR = "auditor"
+
+
+class Status(StrEnum):
+    """Status of a recorded request; `started` only until it is finalized into the chain."""
+
+    STARTED = "started"
+    OK = "ok"
+    ERROR = "error"
+    BUSY = "busy"
+    RATE_LIMITED = "rate_limited"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    REJECTED_INPUT = "rejected_input"
+    ABANDONED = "abandoned"
+
+
+FINAL_STATUSES = frozenset(s.value for s in Status if s is not Status.STARTED)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on both databases (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: dict[Any, Any] = {datetime: UTCDateTime()}
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    # Space-separated, sorted role names (see Role).
+    roles: Mapped[str] = mapped_column(String(64), default="")
+    password_hash: Mapped[str] = mapped_column(String(255))
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    must_change_password: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    password_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    @property
+    def role_set(self) -> frozenset[Role]:
+        return frozenset(Role(r) for r in self.roles.split())
+
+
+class Agent(Base):
+    __tablename__ = "agents"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    archived: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AgentVersion(Base):
+    """An agent's configuration at one point in time; never updated, an edit adds the next version."""
+
+    __tablename__ = "agent_versions"
+    __table_args__ = (UniqueConstraint("agent_id", "version", name="uq_agent_versions_agent_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    agent_id: Mapped[int] = mapped_column(ForeignKey("agents.id", ondelete="RESTRICT"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(200))
+    fallback_model: Mapped[str] = mapped_column(String(200), default="")
+    system_prompt: Mapped[str] = mapped_column(Text, default="")
+    # JSON list of tool names.
+    tools: Mapped[str] = mapped_column(Text, default="[]")
+    context_budget: Mapped[int] = mapped_column(Integer)
+    max_output_tokens: Mapped[int] = mapped_column(Integer)
+    temperature: Mapped[float | None] = mapped_column(Float, nullable=True)
+    top_p: Mapped[float | None] = mapped_column(Float, nullable=True)
+    think: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(64))
+
+
+class Tool(Base):
+    """A tool agents may use: built-in (implemented in clawdbot) or an admin-defined HTTP call."""
+
+    __tablename__ = "tools"
+    __table_args__ = (CheckConstraint("kind IN ('builtin', 'http')", name="kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    description: Mapped[str] = mapped_column(Text, default="")
+    # JSON schema of the arguments.
+    parameters: Mapped[str] = mapped_column(Text, default="{}")
+    url: Mapped[str] = mapped_column(Text, default="")
+    method: Mapped[str] = mapped_column(String(8), default="GET")
+    # JSON object of header name to value; values may be secrets and are masked wherever shown.
+    headers: Mapped[str] = mapped_column(Text, default="{}")
+    timeout_s: Mapped[float] = mapped_column(Float, default=10.0)
+    max_response_bytes: Mapped[int] = mapped_column(Integer, default=1_000_000)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
+    agent_id: Mapped[int] = mapped_column(ForeignKey("agents.id", ondelete="RESTRICT"))
+    title: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Deleting hides a conversation from its owner; its audit records stay.
+    deleted_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class Message(Base):
+    __tablename__ = "messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"), index=True
+    )
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text, default="")
+    thinking: Mapped[str] = mapped_column(Text, default="")
+    # JSON list, as exchanged with the model.
+    tool_calls: Mapped[str] = mapped_column(Text, default="[]")
+    request_id: Mapped[int | None] = mapped_column(
+        ForeignKey("requests.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Attachment(Base):
+    """A file given with a request; its bytes and extracted text are stored once by sha256 in the data dir."""
+
+    __tablename__ = "attachments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[int | None] = mapped_column(
+        ForeignKey("requests.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    conversation_id: Mapped[int | None] = mapped_column(
+        ForeignKey("conversations.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    name: Mapped[str] = mapped_column(String(255))
+    media_type: Mapped[str] = mapped_column(String(100), default="")
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    pages: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    text_path: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Request(Base):
+    """The audit record of one request to a model (columns of the contract's export, in its order)."""
+
+    __tablename__ = "requests"
+    __table_args__ = (
+        Index("ix_requests_started_at", "started_at"),
+        Index("ix_requests_user_started_at", "user", "started_at"),
+        Index("ix_requests_agent_started_at", "agent", "started_at"),
+        Index("ix_requests_status", "status"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default=Status.STARTED.value)
+    error: Mapped[str] = mapped_column(Text, default="")
+    user: Mapped[str] = mapped_column(String(64))
+    client_ip: Mapped[str] = mapped_column(String(64), default="")
+    conversation_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    agent: Mapped[str] = mapped_column(String(64), default="")
+    agent_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    backend: Mapped[str] = mapped_column(String(16), default="")
+    model_requested: Mapped[str] = mapped_column(String(200), default="")
+    model_used: Mapped[str] = mapped_column(String(200), default="")
+    fallback_used: Mapped[bool] = mapped_column(Boolean, default=False)
+    retries: Mapped[int] = mapped_column(Integer, default=0)
+    prompt: Mapped[str] = mapped_column(Text, default="")
+    context: Mapped[str] = mapped_column(Text, default="[]")
+    response: Mapped[str] = mapped_column(Text, default="")
+    thinking: Mapped[str] = mapped_column(Text, default="")
+    tool_calls: Mapped[str] = mapped_column(Text, default="[]")
+    attachments: Mapped[str] = mapped_column(Text, default="[]")
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    prompt_eval_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    context_tokens_before: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    context_tokens_after: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    truncated: Mapped[bool] = mapped_column(Boolean, default=False)
+    dropped_messages: Mapped[int] = mapped_column(Integer, default=0)
+    queue_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ttft_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tokens_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Which process wrote the record while it is `started` (host:pid:start-time), for the abandoned sweep.
+    owner: Mapped[str] = mapped_column(String(200), default="")
+    agent_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("agent_versions.id", ondelete="RESTRICT"), nullable=True
+    )
+    # Position in the hash chain, given when the record is finalized.
+    seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True, unique=True)
+    prev_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class Event(Base):
+    """Something a person did that auditors must see: sign-ins, admin changes, exports, verifications."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_at", "at"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(255), default="")
+    # JSON object.
+    details: Mapped[str] = mapped_column(Text, default="{}")
+    seq: Mapped[int] = mapped_column(BigInteger, unique=True)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class ChainHead(Base):
+    """The single row that holds the end of the hash chain; appending locks it, so the chain never forks."""
+
+    __tablename__ = "chain_head"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    hash: Mapped[str] = mapped_column(String(64), default=GENESIS_HASH)
