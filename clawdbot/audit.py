@@ -135,12 +135,14 @@ class AuditStore:
     def finish_request(self, request_id: int, status: str, **fields: Any) -> str:
         """Finalize a started request with its outcome and enter it into the chain; returns its hash."""
         if status not in FINAL_STATUSES:
-            raise UsageError(f"{status!r} is not a final status; use one of {', '.join(sorted(FINAL_STATUSES))}")
+            raise UsageError(
+                f"{status!r} is not a final status; use one of {', '.join(sorted(FINAL_STATUSES))}"
+            )
         values = _clean(fields)
         values.setdefault("finished_at", utcnow())
         values["status"] = status
         with self.db.write_connection() as conn:
-            seq, prev_hash = self._lock_head(conn)
+            seq, prev_hash = _lock_head(conn)
             columns = [getattr(Request, f) for f in REQUEST_HASHED_FIELDS]
             row = conn.execute(select(*columns, Request.seq).where(Request.id == request_id)).first()
             if row is None:
@@ -154,34 +156,15 @@ class AuditStore:
                 .where(Request.id == request_id)
                 .values(**values, seq=seq, prev_hash=prev_hash, hash=digest)
             )
-            self._move_head(conn, seq, digest)
+            _move_head(conn, seq, digest)
         return digest
 
     def record_event(
         self, actor: str, action: str, target: str = "", details: Mapping[str, Any] | None = None
     ) -> int:
         """Append an event (sign-in, admin change, export, verification) to the chain; returns its id."""
-        values: dict[str, Any] = {
-            "at": utcnow(),
-            "actor": actor,
-            "action": action,
-            "target": target,
-            "details": to_json(dict(details or {})).replace("\x00", "\ufffd"),
-        }
         with self.db.write_connection() as conn:
-            seq, prev_hash = self._lock_head(conn)
-            # The id is part of the hash, so it is taken first and the hashed row written in one statement.
-            event_id = int(
-                conn.execute(
-                    insert(Event)
-                    .values(**values, seq=seq, prev_hash=prev_hash, hash="")
-                    .returning(Event.id)
-                ).scalar_one()
-            )
-            digest = record_hash("event", seq, prev_hash, {**values, "id": event_id})
-            conn.execute(update(Event).where(Event.id == event_id).values(hash=digest))
-            self._move_head(conn, seq, digest)
-        return event_id
+            return append_event(conn, actor, action, target, details)
 
     def sweep_abandoned(self) -> int:
         """Finalize as `abandoned` the started records whose process has gone; returns how many."""
@@ -209,14 +192,38 @@ class AuditStore:
             log.warning("marked %d request(s) abandoned by a stopped process", swept)
         return swept
 
-    @staticmethod
-    def _lock_head(conn: Connection) -> tuple[int, str]:
-        head = conn.execute(
-            select(ChainHead.seq, ChainHead.hash).where(ChainHead.id == 1).with_for_update()
-        ).one()
-        return int(head.seq) + 1, str(head.hash)
 
-    @staticmethod
-    def _move_head(conn: Connection, seq: int, digest: str) -> None:
-        conn.execute(update(ChainHead).where(ChainHead.id == 1).values(seq=seq, hash=digest))
+def _lock_head(conn: Connection) -> tuple[int, str]:
+    """Lock the chain head until the transaction ends; returns the next position and the hash before it."""
+    head = conn.execute(
+        select(ChainHead.seq, ChainHead.hash).where(ChainHead.id == 1).with_for_update()
+    ).one()
+    return int(head.seq) + 1, str(head.hash)
 
+
+def _move_head(conn: Connection, seq: int, digest: str) -> None:
+    conn.execute(update(ChainHead).where(ChainHead.id == 1).values(seq=seq, hash=digest))
+
+
+def append_event(
+    conn: Connection, actor: str, action: str, target: str = "", details: Mapping[str, Any] | None = None
+) -> int:
+    """Append an event inside the caller's write transaction, so a change and its event commit together."""
+    values: dict[str, Any] = {
+        "at": utcnow(),
+        "actor": actor,
+        "action": action,
+        "target": target,
+        "details": to_json(dict(details or {})).replace("\x00", "\ufffd"),
+    }
+    seq, prev_hash = _lock_head(conn)
+    # The id is part of the hash, so the row is inserted first and its hash set once the id is known.
+    event_id = int(
+        conn.execute(
+            insert(Event).values(**values, seq=seq, prev_hash=prev_hash, hash="").returning(Event.id)
+        ).scalar_one()
+    )
+    digest = record_hash("event", seq, prev_hash, {**values, "id": event_id})
+    conn.execute(update(Event).where(Event.id == event_id).values(hash=digest))
+    _move_head(conn, seq, digest)
+    return event_id

@@ -31,7 +31,16 @@ REQUEST_EXPORT_FIELDS: tuple[str, ...] = (
     "completion_tokens", "context_tokens_before", "context_tokens_after", "truncated", "dropped_messages",
     "queue_ms", "ttft_ms", "latency_ms", "tokens_per_s", "prev_hash", "hash",
 )  # fmt: skip
-EVENT_EXPORT_FIELDS: tuple[str, ...] = ("id", "at", "actor", "action", "target", "details", "prev_hash", "hash")
+EVENT_EXPORT_FIELDS: tuple[str, ...] = (
+    "id",
+    "at",
+    "actor",
+    "action",
+    "target",
+    "details",
+    "prev_hash",
+    "hash",
+)
 
 # What the hash covers: every exported column but the links themselves, and the agent version row used.
 REQUEST_HASHED_FIELDS: tuple[str, ...] = (
@@ -52,7 +61,7 @@ def _canonical_value(name: str, value: Any) -> Any:
     return value
 
 
-def record_hash(kind: Kind, seq: int, prev_hash: str, record: Mapping[str, Any]) -> str:
+def record_hash(kind: Kind, seq: int, prev_hash: str, record: Mapping[Any, Any]) -> str:
     """The hash of one record at position `seq` after `prev_hash`."""
     fields = REQUEST_HASHED_FIELDS if kind == "request" else EVENT_HASHED_FIELDS
     content = {name: _canonical_value(name, record[name]) for name in fields}
@@ -88,9 +97,11 @@ class VerifyResult:
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["first_break"] = None if self.first_break is None else {
-            **asdict(self.first_break), "description": self.first_break.describe()
-        }
+        data["first_break"] = (
+            None
+            if self.first_break is None
+            else {**asdict(self.first_break), "description": self.first_break.describe()}
+        )
         return data
 
 
@@ -119,18 +130,23 @@ def verify_chain(
         ).scalar()
     expected_seq, prev_hash, checked = 1, GENESIS_HASH, 0
     first_break: ChainBreak | None = None
-    merged = heapq.merge(_chained_rows(db, "request", batch), _chained_rows(db, "event", batch),
-                         key=lambda item: item[0])
+    merged = heapq.merge(
+        _chained_rows(db, "request", batch), _chained_rows(db, "event", batch), key=lambda item: item[0]
+    )
     for seq, kind, row in merged:
         record = row._mapping
         if seq != expected_seq:
-            reason = (f"chain position {seq - 1} is taken twice" if seq < expected_seq
-                      else f"records at chain positions {expected_seq}–{seq - 1} are missing")
+            reason = (
+                f"chain position {seq - 1} is taken twice"
+                if seq < expected_seq
+                else f"records at chain positions {expected_seq}–{seq - 1} are missing"
+            )
             first_break = ChainBreak(kind, record["id"], seq, reason)
             break
         if record["prev_hash"] != prev_hash:
-            first_break = ChainBreak(kind, record["id"], seq,
-                                     "its previous-hash link does not match the record before it")
+            first_break = ChainBreak(
+                kind, record["id"], seq, "its previous-hash link does not match the record before it"
+            )
             break
         if record_hash(kind, seq, prev_hash, record) != record["hash"]:
             first_break = ChainBreak(kind, record["id"], seq, "its content was changed after it was recorded")
@@ -140,14 +156,19 @@ def verify_chain(
             progress(checked, total)
     if first_break is None and (head.seq != expected_seq - 1 or head.hash != prev_hash):
         first_break = ChainBreak(
-            "chain head", None, head.seq,
+            "chain head",
+            None,
+            head.seq,
             f"the chain ends at position {expected_seq - 1} but its head says {head.seq}: "
             "records were removed from the end, or the head was altered",
         )
     if first_break is None and unchained is not None:
-        first_break = ChainBreak("request", unchained, None,
-                                 "it is finalized but was never entered into the chain (inserted by hand)")
+        first_break = ChainBreak(
+            "request",
+            unchained,
+            None,
+            "it is finalized but was never entered into the chain (inserted by hand)",
+        )
     if progress is not None:
         progress(checked, total)
     return VerifyResult(first_break is None, checked, head.seq, head.hash, first_break)
-

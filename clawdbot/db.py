@@ -95,9 +95,7 @@ class Database:
                 conn.execute(text("SELECT 1"))
         except OperationalError as exc:
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-            raise DatabaseUnavailableError(
-                f"cannot reach the database {self.safe_url}: {reason}"
-            ) from None
+            raise DatabaseUnavailableError(f"cannot reach the database {self.safe_url}: {reason}") from None
 
     @property
     def safe_url(self) -> str:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from limits import parse_many
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -188,7 +189,7 @@ class Settings(BaseSettings):
         return key
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     field = str(error["loc"][0]) if error.get("loc") else "?"
     if field == "OLLAMA_HOST":
         field = "ollama_host"

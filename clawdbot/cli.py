@@ -1,0 +1,241 @@
+"""The `clawdbot` command. Every failure is one line on stderr and a non-zero exit code (see errors.py)."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from sqlalchemy.exc import SQLAlchemyError
+from typer.exceptions import TyperException
+
+from clawdbot.agents import AgentConfig
+from clawdbot.chain import verify_chain
+from clawdbot.errors import ClawdbotError, UsageError
+from clawdbot.export import FORMATS, KINDS, export_records
+from clawdbot.records import AuditFilter, parse_time
+from clawdbot.runtime import Runtime
+
+APP_SCRIPT = Path(__file__).resolve().parent.parent / "app.py"
+
+app = typer.Typer(
+    name="clawdbot",
+    help="Self-hosted AI-agent control center.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+user_app = typer.Typer(help="Local user accounts.", no_args_is_help=True)
+agent_app = typer.Typer(help="Agents.", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit log: verify the hash chain, export records.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(user_app, name="user")
+app.add_typer(agent_app, name="agent")
+app.add_typer(audit_app, name="audit")
+
+
+def cli_actor() -> str:
+    """Who did it, for events written from the command line."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"cli:uid{os.getuid()}"
+
+
+@app.command()
+def run(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8501,
+) -> None:
+    """Upgrade the database, create the first admin if there is no user, and serve the app."""
+    runtime = Runtime.open(upgrade=True)
+    swept = runtime.store.sweep_abandoned()
+    if swept:
+        typer.echo(f"marked {swept} unfinished request(s) from a stopped process as abandoned", err=True)
+    password = runtime.users.ensure_first_admin()
+    if password is not None:
+        typer.echo("created the admin user 'admin'; sign in with this one-time password and change it:")
+        typer.echo(f"password: {password}")
+    runtime.close()
+    if not APP_SCRIPT.is_file():
+        raise ClawdbotError(f"the app is missing at {APP_SCRIPT}: install clawdbot from its source tree")
+    typer.echo(f"serving clawdbot on http://{host}:{port}", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [  # noqa: S606 - the app replaces this process
+        sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT),
+        "--server.address", host, "--server.port", str(port), "--server.headless", "true",
+        "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+    ])  # fmt: skip
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the migrations the database lacks."""
+    runtime = Runtime.open(upgrade=True)
+    typer.echo(f"database {runtime.db.safe_url} is up to date")
+
+
+def _read_password_stdin() -> str:
+    line = sys.stdin.readline().rstrip("\r\n")
+    if not line:
+        raise UsageError(
+            'no password on standard input: pipe one line, e.g. `echo "$PW" | clawdbot user add …`'
+        )
+    return line
+
+
+@user_app.command("add")
+def user_add(
+    name: str,
+    role: Annotated[list[str], typer.Option("--role", help="staff, admin or auditor; repeat for several.")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from stdin.")
+    ] = False,
+) -> None:
+    """Create a user. Without --password-stdin a one-time password is generated and printed once."""
+    password = _read_password_stdin() if password_stdin else None
+    user, secret = Runtime.open().users.add(cli_actor(), name, role, password)
+    typer.echo(f"created user {user.name} ({', '.join(sorted(r.value for r in user.roles))})")
+    if password is None:
+        typer.echo(f"password: {secret}")
+
+
+@user_app.command("list")
+def user_list() -> None:
+    """List users with their roles."""
+    for user in Runtime.open().users.all():
+        state = "disabled" if user.disabled else "active"
+        typer.echo(f"{user.name}\t{','.join(sorted(r.value for r in user.roles))}\t{state}")
+
+
+@user_app.command("disable")
+def user_disable(name: str) -> None:
+    """Disable a user: they can no longer sign in or use API keys."""
+    Runtime.open().users.set_disabled(cli_actor(), name)
+    typer.echo(f"disabled user {name}")
+
+
+@agent_app.command("list")
+def agent_list(
+    archived: Annotated[bool, typer.Option("--archived", help="Include archived agents.")] = False,
+) -> None:
+    """List agents with their current version and model."""
+    for agent in Runtime.open().agents.all(include_archived=archived):
+        tools = ",".join(agent.config.tools) or "-"
+        flag = "\tarchived" if agent.archived else ""
+        typer.echo(f"{agent.name}\tv{agent.version}\t{agent.config.model}\ttools={tools}{flag}")
+
+
+@agent_app.command("add")
+def agent_add(
+    name: str,
+    model: Annotated[str, typer.Option("--model", help="Model name, e.g. qwen3:32b.")],
+    system_prompt: Annotated[str, typer.Option("--system-prompt", help="The agent's instructions.")],
+    tool: Annotated[
+        list[str] | None, typer.Option("--tool", help="A tool the agent may call; repeatable.")
+    ] = None,
+    fallback_model: Annotated[str, typer.Option("--fallback-model", help="Used when the model fails.")] = "",
+    context_budget: Annotated[int | None, typer.Option(help="Tokens of context sent at most.")] = None,
+    max_output_tokens: Annotated[int, typer.Option(help="Tokens the model may write.")] = 2048,
+) -> None:
+    """Create an agent (version 1)."""
+    runtime = Runtime.open()
+    config = AgentConfig(
+        model=model,
+        system_prompt=system_prompt,
+        tools=tuple(tool or ()),
+        fallback_model=fallback_model,
+        context_budget=context_budget or runtime.settings.context_budget,
+        max_output_tokens=max_output_tokens,
+    )
+    agent = runtime.agents.add(cli_actor(), name, config)
+    typer.echo(f"created agent {agent.name} (version {agent.version}, model {agent.config.model})")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Check the whole hash chain; exit 1 naming the first record that breaks it."""
+    runtime = Runtime.open()
+    result = verify_chain(runtime.db)
+    details = {
+        "ok": result.ok,
+        "checked": result.checked,
+        "head_seq": result.head_seq,
+        "first_break": result.first_break.describe() if result.first_break else None,
+    }
+    runtime.store.record_event(cli_actor(), "audit.verify", "chain", details)
+    if as_json:
+        typer.echo(json.dumps(result.as_dict()))
+    elif result.first_break is None:
+        typer.echo(f"chain intact: {result.checked} records, head {result.head_hash}")
+    else:
+        typer.echo(f"chain broken: {result.first_break.describe()}", err=True)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@audit_app.command("export")
+def audit_export(
+    fmt: Annotated[str, typer.Option("--format", help=f"One of {', '.join(FORMATS)}.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="File to write.")],
+    kind: Annotated[str, typer.Option("--kind", help=f"One of {', '.join(KINDS)}.")] = "requests",
+    since: Annotated[str | None, typer.Option(help="ISO time; records at or after it.")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO time; records before it.")] = None,
+    user: Annotated[str | None, typer.Option(help="Only this user (the actor, for events).")] = None,
+    agent: Annotated[str | None, typer.Option(help="Only this agent.")] = None,
+    status: Annotated[str | None, typer.Option(help="Only this status.")] = None,
+    search: Annotated[str | None, typer.Option(help="Text in the prompt or response.")] = None,
+) -> None:
+    """Export audit records to CSV, XLSX or JSONL with the contract's columns."""
+    audit_filter = AuditFilter(
+        since=parse_time(since, "--since") if since else None,
+        until=parse_time(until, "--until") if until else None,
+        user=user,
+        agent=agent,
+        status=status,
+        search=search,
+    )
+    runtime = Runtime.open()
+    count = export_records(
+        runtime.db, output, fmt, kind, audit_filter, actor=cli_actor(), store=runtime.store
+    )
+    typer.echo(f"exported {count} {kind} to {output}")
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise SystemExit(code)
+
+
+def main() -> None:
+    """Entry point: run the command and turn every failure into one line and an exit code."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(prog_name="clawdbot", standalone_mode=False)
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        _fail("interrupted", 130)
+    except TyperException as exc:
+        # Typer's own usage errors (it vendors click): unknown option, missing argument, bad value.
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            raise SystemExit(2) from None  # typer has printed the help
+        where = ctx.command_path if ctx is not None else "clawdbot"
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        _fail(f"{message} (see `{where} --help`)", int(getattr(exc, "exit_code", 2)))
+    except ClawdbotError as exc:
+        _fail(exc.message, exc.exit_code)
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        _fail(f"database error: {reason}", 1)
+    except OSError as exc:
+        _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1)
