@@ -219,7 +219,7 @@ def main() -> None:
     """Entry point: run the command and turn every failure into one line and an exit code."""
     command = typer.main.get_command(app)
     try:
-        command.main(prog_name="clawdbot", standalone_mode=False)
+        code = command.main(prog_name="clawdbot", standalone_mode=False)
     except typer.Exit as exc:
         raise SystemExit(exc.exit_code) from None
     except typer.Abort:
@@ -239,3 +239,6 @@ def main() -> None:
         _fail(f"database error: {reason}", 1)
     except OSError as exc:
         _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1)
+    # Without standalone mode, `typer.Exit(n)` inside a command comes back as the return value.
+    if isinstance(code, int) and code:
+        raise SystemExit(code)

@@ -67,12 +67,9 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Session]:
-        """A session in a read-only snapshot; it is rolled back at the end."""
+        """A session for reading; closing it ends the transaction and leaves loaded objects usable."""
         with self._reader() as session:
-            try:
-                yield session
-            finally:
-                session.rollback()
+            yield session
 
     @contextmanager
     def write(self) -> Iterator[Session]:

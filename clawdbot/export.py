@@ -10,15 +10,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Literal
-
-from openpyxl import Workbook
-from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 
 from clawdbot.audit import AuditStore
 from clawdbot.chain import EVENT_EXPORT_FIELDS, REQUEST_EXPORT_FIELDS
@@ -31,6 +29,8 @@ RecordKind = Literal["requests", "events"]
 FORMATS: tuple[Format, ...] = ("csv", "xlsx", "jsonl")
 KINDS: tuple[RecordKind, ...] = ("requests", "events")
 JSON_FIELDS = frozenset({"context", "tool_calls", "attachments", "details"})
+# Control characters XML 1.0 cannot hold; openpyxl refuses a cell that contains one.
+_ILLEGAL_XML = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 XLSX_CELL_LIMIT = 32_767
 _CUT_NOTE = "… [cut: {n} characters in all; the JSONL export has the full text]"
@@ -59,7 +59,7 @@ def _cell(value: Any) -> Any:
 def _xlsx_cell(value: Any) -> Any:
     value = _cell(value)
     if isinstance(value, str):
-        value = ILLEGAL_CHARACTERS_RE.sub("\ufffd", value)
+        value = _ILLEGAL_XML.sub("\ufffd", value)
         if len(value) > XLSX_CELL_LIMIT:
             note = _CUT_NOTE.format(n=len(value))
             value = value[: XLSX_CELL_LIMIT - len(note)] + note
@@ -95,6 +95,8 @@ def _write_jsonl(fh: IO[str], header: Sequence[str], rows: Iterator[Sequence[Any
 
 
 def _write_xlsx(path: Path, header: Sequence[str], rows: Iterator[Sequence[Any]], title: str) -> int:
+    from openpyxl import Workbook  # imported here: it costs a tenth of a second at every CLI start
+
     workbook = Workbook(write_only=True)
     sheet = workbook.create_sheet(title)
     sheet.append(list(header))

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.exc import OperationalError
 
 from clawdbot.db import Database
 from clawdbot.errors import DatabaseUnavailableError
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# Alembic is imported inside the functions: most commands only check the revision, and start faster without it.
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
 def alembic_config(db: Database) -> Config:
+    from alembic.config import Config
+
     if not (MIGRATIONS_DIR / "env.py").is_file():
         raise DatabaseUnavailableError(
             f"the migrations are missing from {MIGRATIONS_DIR}: install clawdbot from its source tree "
@@ -29,6 +33,8 @@ def alembic_config(db: Database) -> Config:
 
 
 def _run(db: Database, operation: str, revision: str) -> None:
+    from alembic import command
+
     db.check()
     config = alembic_config(db)
     try:
@@ -51,11 +57,15 @@ def downgrade(db: Database, revision: str = "base") -> None:
 
 
 def current_revision(db: Database) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     with db.engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
 
 
 def head_revision(db: Database) -> str | None:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config(db)).get_current_head()
 
 

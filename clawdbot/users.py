@@ -6,6 +6,7 @@ import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cache
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -22,8 +23,12 @@ MIN_PASSWORD_LENGTH = 10
 FIRST_ADMIN = "admin"
 
 _hasher = PasswordHasher()
-# Verifying against this keeps a wrong user name as slow as a wrong password.
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@cache
+def _dummy_hash() -> str:
+    """Verifying against this keeps a wrong user name as slow as a wrong password."""
+    return _hasher.hash(secrets.token_urlsafe(16))
 
 
 @dataclass(frozen=True)
@@ -182,7 +187,7 @@ class Users:
         """The user if the name and password match an enabled account, else None."""
         with self.db.read() as session:
             user = session.scalar(select(User).where(User.name == name))
-            stored = user.password_hash if user is not None else _DUMMY_HASH
+            stored = user.password_hash if user is not None else _dummy_hash()
         try:
             _hasher.verify(stored, password)
         except (VerificationError, InvalidHashError):

@@ -173,9 +173,19 @@ def parse_keep_alive(value: object) -> float | None:
     return float("inf") if seconds < 0 else seconds
 
 
+_iso_second: tuple[int, str] = (0, "")
+
+
 def _now_iso() -> str:
+    """The current UTC time as Ollama writes ``created_at`` (microseconds, ``Z``); cheap per chunk."""
+    global _iso_second
     now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+    second = int(now)
+    cached, prefix = _iso_second
+    if second != cached:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _iso_second = (second, prefix)
+    return f"{prefix}.{int((now - second) * 1e6):06d}Z"
 
 
 def _iso_at(epoch: float) -> str:
