@@ -42,3 +42,39 @@ class DatabaseUnavailableError(ClawdbotError):
 
 class AlreadyFinalizedError(ClawdbotError):
     """A request record was finalized twice; the audit store refuses the second time."""
+
+
+class RetryLaterError(ClawdbotError):
+    """Refused for now; `retry_after` says in how many seconds trying again should work."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BusyError(RetryLaterError):
+    """The GPU is at its concurrency cap and the queue is full, or a queued request waited too long."""
+
+    exit_code = 3
+
+
+class RateLimitedError(RetryLaterError):
+    """The user sent more requests than their rate limit allows."""
+
+    exit_code = 4
+
+
+class ModelUnavailableError(ClawdbotError):
+    """The model could not answer after the retries and the fallback."""
+
+    exit_code = 5
+
+
+class TimedOutError(ClawdbotError):
+    """The model server went silent for longer than the read timeout."""
+
+    exit_code = 6
+
+
+class RejectedInputError(UsageError):
+    """Input the product refuses to process (an attachment it cannot read safely, an empty prompt)."""
