@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from sqlalchemy import Connection, insert, select, update
 from clawdbot.chain import REQUEST_HASHED_FIELDS, record_hash
 from clawdbot.db import Database
 from clawdbot.errors import AlreadyFinalizedError, NotFoundError, UsageError
-from clawdbot.models import FINAL_STATUSES, ChainHead, Event, Request, Status, utcnow
+from clawdbot.models import FINAL_STATUSES, ChainHead, Event, Request, Status, UTCDateTime, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,36 @@ class RequestFields(TypedDict, total=False):
 
 
 _SETTABLE = frozenset(RequestFields.__annotations__)
+_PYTHON_TYPES: dict[str, type] = {
+    c.name: datetime if isinstance(c.type, UTCDateTime) else c.type.python_type
+    for c in Request.__table__.columns
+}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """The value as the database will give it back, so the hash computed now matches the stored row."""
+    if value is None:
+        return None
+    kind = _PYTHON_TYPES[name]
+    if kind is str:
+        # PostgreSQL refuses NUL characters in text.
+        return str(value).replace("\x00", "\ufffd")
+    if kind is float:
+        number = float(value)
+        return number if math.isfinite(number) else None
+    if kind is datetime:
+        if not isinstance(value, datetime) or value.tzinfo is None:
+            raise UsageError(f"{name} must be a timezone-aware datetime")
+        return value
+    return kind(value)
 
 
 def _clean(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Check the names and make text storable everywhere (PostgreSQL refuses NUL characters in text)."""
+    """Check the names and coerce each value to its column's type."""
     unknown = set(fields) - _SETTABLE
     if unknown:
         raise UsageError(f"unknown request field(s): {', '.join(sorted(unknown))}")
-    return {k: v.replace("\x00", "\ufffd") if isinstance(v, str) else v for k, v in fields.items()}
+    return {k: _coerce(k, v) for k, v in fields.items()}
 
 
 def to_json(value: Any) -> str:
@@ -211,9 +234,9 @@ def append_event(
     """Append an event inside the caller's write transaction, so a change and its event commit together."""
     values: dict[str, Any] = {
         "at": utcnow(),
-        "actor": actor,
-        "action": action,
-        "target": target,
+        "actor": actor.replace("\x00", "\ufffd"),
+        "action": action.replace("\x00", "\ufffd"),
+        "target": target.replace("\x00", "\ufffd"),
         "details": to_json(dict(details or {})).replace("\x00", "\ufffd"),
     }
     seq, prev_hash = _lock_head(conn)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import Row, select
+from sqlalchemy import Connection, Row, select
 
 from clawdbot.db import Database
 from clawdbot.models import GENESIS_HASH, ChainHead, Event, Request, Status
@@ -105,14 +105,13 @@ class VerifyResult:
         return data
 
 
-def _chained_rows(db: Database, kind: Kind, batch: int) -> Iterator[tuple[int, Kind, Row[Any]]]:
+def _chained_rows(conn: Connection, kind: Kind, batch: int) -> Iterator[tuple[int, Kind, Row[Any]]]:
     model: type[Request] | type[Event] = Request if kind == "request" else Event
     fields = REQUEST_HASHED_FIELDS if kind == "request" else EVENT_HASHED_FIELDS
     columns = [getattr(model, f) for f in fields] + [model.seq, model.prev_hash, model.hash]
     query = select(*columns).where(model.seq.is_not(None)).order_by(model.seq)
-    with db.engine.connect() as conn:
-        for row in conn.execution_options(yield_per=batch).execute(query):
-            yield row.seq, kind, row
+    for row in conn.execution_options(yield_per=batch).execute(query):
+        yield row.seq, kind, row
 
 
 def verify_chain(
@@ -120,28 +119,57 @@ def verify_chain(
 ) -> VerifyResult:
     """Walk the whole chain in order and report the first record that breaks it, if any."""
     with db.engine.connect() as conn:
-        head = conn.execute(select(ChainHead.seq, ChainHead.hash).where(ChainHead.id == 1)).one()
-        total = head.seq
-        unchained = conn.execute(
-            select(Request.id)
-            .where(Request.seq.is_(None), Request.status != Status.STARTED.value)
-            .order_by(Request.id)
-            .limit(1)
-        ).scalar()
+        if not db.is_sqlite:
+            # One snapshot for the head and both tables, so records appended meanwhile are not seen at all.
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            return _verify(conn, progress, batch)
+
+
+def _verify(conn: Connection, progress: Callable[[int, int], None] | None, batch: int) -> VerifyResult:
+    head = conn.execute(select(ChainHead.seq, ChainHead.hash).where(ChainHead.id == 1)).one()
+    total = head.seq
+    unchained = conn.execute(
+        select(Request.id)
+        .where(Request.seq.is_(None), Request.status != Status.STARTED.value)
+        .order_by(Request.id)
+        .limit(1)
+    ).scalar()
     expected_seq, prev_hash, checked = 1, GENESIS_HASH, 0
+    before_prev: str = GENESIS_HASH
+    last: tuple[Kind, int] | None = None
     first_break: ChainBreak | None = None
     merged = heapq.merge(
-        _chained_rows(db, "request", batch), _chained_rows(db, "event", batch), key=lambda item: item[0]
+        _chained_rows(conn, "request", batch), _chained_rows(conn, "event", batch), key=lambda item: item[0]
     )
     for seq, kind, row in merged:
         record = row._mapping
         if seq != expected_seq:
-            reason = (
-                f"chain position {seq - 1} is taken twice"
-                if seq < expected_seq
-                else f"records at chain positions {expected_seq}–{seq - 1} are missing"
-            )
-            first_break = ChainBreak(kind, record["id"], seq, reason)
+            if seq < expected_seq:
+                # Two records claim this position: the intruder is the one the next record does not link to.
+                intruder: tuple[Kind, int] = (kind, record["id"])
+                genuine_alike = (
+                    record["prev_hash"] == before_prev
+                    and record_hash(kind, seq, before_prev, record) == record["hash"]
+                )
+                following = next(merged, None)
+                if (
+                    genuine_alike
+                    and last is not None
+                    and following is not None
+                    and following[2]._mapping["prev_hash"] == record["hash"]
+                ):
+                    intruder = last
+                first_break = ChainBreak(
+                    intruder[0], intruder[1], seq, f"chain position {seq} is taken twice"
+                )
+            else:
+                first_break = ChainBreak(
+                    kind,
+                    record["id"],
+                    seq,
+                    f"records at chain positions {expected_seq}–{seq - 1} are missing",
+                )
             break
         if record["prev_hash"] != prev_hash:
             first_break = ChainBreak(
@@ -151,6 +179,7 @@ def verify_chain(
         if record_hash(kind, seq, prev_hash, record) != record["hash"]:
             first_break = ChainBreak(kind, record["id"], seq, "its content was changed after it was recorded")
             break
+        before_prev, last = prev_hash, (kind, record["id"])
         prev_hash, expected_seq, checked = record["hash"], seq + 1, checked + 1
         if progress is not None and checked % batch == 0:
             progress(checked, total)

@@ -368,7 +368,7 @@ def test_intact_chain_with_awkward_values_verifies(store: AuditStore) -> None:
         "王小明", "export", target="审计 📦", details={"filter": "用户=王", "nul": "a\x00b", "n": 1.5}
     )
     unfinished = store.start_request(user="bob", prompt="still streaming 🚰")
-    r3 = store.start_request(user="naive-offsets", started_at=datetime(2026, 1, 1, tzinfo=UTC))
+    r3 = store.start_request(user="utc-offsets", started_at=datetime(2026, 1, 1, tzinfo=UTC))
     store.finish_request(
         r3, "timeout", finished_at=datetime(2026, 1, 1, 0, 0, 30, tzinfo=timezone(timedelta(hours=-7)))
     )
@@ -528,12 +528,13 @@ def test_deleted_last_record_disagrees_with_the_head(store: AuditStore) -> None:
 
 
 def test_deleted_last_event_disagrees_with_the_head(store: AuditStore) -> None:
-    chain = _build_chain(store)
+    _build_chain(store)
     store.record_event("alice", "sign_out")  # the event at position 9 is now the last record
     _sql(store.db, "DELETE FROM events WHERE seq = 9")
 
-    _assert_break(verify_chain(store.db), "chain head", None, 9)
-    assert len(chain) == 8
+    result = verify_chain(store.db)
+    _assert_break(result, "chain head", None, 9)
+    assert result.checked == 8
 
 
 def test_inserted_finalized_request_without_position_is_found(store: AuditStore) -> None:
@@ -785,3 +786,18 @@ def test_concurrent_threads_and_processes_keep_one_unbroken_chain(
     result = verify_chain(db)
     assert result.ok, result.first_break
     assert (result.checked, result.head_seq) == (total, total)
+
+
+def test_values_of_another_type_are_stored_as_hashed(store: AuditStore, db: Database) -> None:
+    """Regression: the hash was computed on the values as given (1, 2.0, nan), not as the database keeps them."""
+    request_id = store.start_request(user="bob", prompt="p")
+    store.finish_request(
+        request_id,
+        "ok",
+        fallback_used=1,
+        retries=2.0,
+        prompt_tokens=True,
+        latency_ms=float("nan"),
+        queue_ms=5,
+    )
+    assert verify_chain(db).ok
