@@ -70,6 +70,9 @@ __all__ = [
 ]
 
 _ERROR_TEXT_LIMIT = 300
+# The embedded model is a stand-in for when Ollama is down; long answers from it are rarely worth the CPU time.
+EMBEDDED_MAX_OUTPUT_TOKENS = 512
+EMBEDDED_REPEAT_PENALTY = 1.3
 _PROBE_TIMEOUT_S = 2.0
 _DEFAULT_OLLAMA_PORT = 11434
 
@@ -716,10 +719,11 @@ class EmbeddedBackend:
                 f"{limit}; shorten it",
                 retryable=False,
             )
-        max_tokens = limit - prompt_tokens
+        max_tokens = min(limit - prompt_tokens, EMBEDDED_MAX_OUTPUT_TOKENS)
         if call.num_predict is not None and call.num_predict > 0:
             max_tokens = min(max_tokens, call.num_predict)
-        sampling: dict[str, Any] = {}
+        # A 135M-parameter model easily loops on one phrase; this penalty keeps its answers readable.
+        sampling: dict[str, Any] = {"repeat_penalty": EMBEDDED_REPEAT_PENALTY}
         if call.temperature is not None:
             sampling["temperature"] = call.temperature
         if call.top_p is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -14,9 +15,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from typer.exceptions import TyperException
 
 from clawdbot.agents import AgentConfig
+from clawdbot.backends import ContentDelta, ThinkingDelta
 from clawdbot.chain import verify_chain
+from clawdbot.chat import TurnStarted
 from clawdbot.errors import ClawdbotError, UsageError
 from clawdbot.export import FORMATS, KINDS, export_records
+from clawdbot.gateway import Finished, Queued
+from clawdbot.models import Status
 from clawdbot.records import AuditFilter, parse_time
 from clawdbot.runtime import Runtime
 
@@ -158,6 +163,60 @@ def agent_add(
     typer.echo(f"created agent {agent.name} (version {agent.version}, model {agent.config.model})")
 
 
+@app.command()
+def ask(
+    prompt: Annotated[str, typer.Argument(help="The message to send.")],
+    user: Annotated[str, typer.Option("--user", help="Who asks; the request is recorded as theirs.")],
+    agent: Annotated[str | None, typer.Option("--agent", help="The agent to ask.")] = None,
+    conversation: Annotated[
+        int | None, typer.Option("--conversation", help="Continue this conversation.")
+    ] = None,
+    think: Annotated[
+        bool | None,
+        typer.Option("--think/--no-think", help="Ask for thinking (shown on stderr); default: the agent's."),
+    ] = None,
+) -> None:
+    """One turn through the same gateway as the UI: the answer streams to stdout and is recorded."""
+    runtime = Runtime.open()
+    asker = runtime.users.get(user)
+    if asker.disabled:
+        raise UsageError(f"the user {user!r} is disabled")
+    finished: Finished | None = None
+    wrote_thinking = wrote_content = False
+    last_position = 0
+    for event in runtime.chat.turn(user, prompt, agent=agent, conversation_id=conversation, think=think):
+        if isinstance(event, ContentDelta):
+            if wrote_thinking and not wrote_content:
+                sys.stderr.write("\n")
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            wrote_content = True
+        elif isinstance(event, ThinkingDelta):
+            if think:
+                sys.stderr.write(event.text)
+                sys.stderr.flush()
+                wrote_thinking = True
+        elif isinstance(event, Queued) and event.position != last_position:
+            last_position = event.position
+            typer.echo(f"waiting for the model: number {event.position} in the queue", err=True)
+        elif isinstance(event, Finished):
+            finished = event
+        elif isinstance(event, TurnStarted) and conversation is None:
+            conversation = event.conversation_id
+    if wrote_content:
+        sys.stdout.write("\n")
+    runtime.close()
+    if finished is None:
+        raise ClawdbotError("the answer ended without an outcome")
+    if finished.status is not Status.OK:
+        retry = f" (try again in {finished.retry_after:.0f} s)" if finished.retry_after else ""
+        typer.echo(f"error: {finished.message}{retry}", err=True)
+    elif conversation is not None:
+        typer.echo(f"conversation {conversation}: continue it with --conversation {conversation}", err=True)
+    if finished.exit_code:
+        raise typer.Exit(finished.exit_code)
+
+
 @audit_app.command("verify")
 def audit_verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -217,6 +276,8 @@ def _fail(message: str, code: int) -> NoReturn:
 
 def main() -> None:
     """Entry point: run the command and turn every failure into one line and an exit code."""
+    # Warnings reach the user as the command's own one-line messages; only errors are logged on top.
+    logging.basicConfig(level=logging.ERROR, format="clawdbot: %(levelname)s: %(message)s")
     command = typer.main.get_command(app)
     try:
         code = command.main(prog_name="clawdbot", standalone_mode=False)

@@ -9,9 +9,16 @@ from __future__ import annotations
 from functools import cached_property
 
 from clawdbot import migrate
+from clawdbot.admission import Admission
 from clawdbot.agents import Agents
 from clawdbot.audit import AuditStore
+from clawdbot.backends import BackendSelector
+from clawdbot.chat import ChatService
+from clawdbot.conversations import Conversations
 from clawdbot.db import Database
+from clawdbot.gateway import Gateway
+from clawdbot.gpu import VramGuard
+from clawdbot.ratelimit import RateLimiter
 from clawdbot.settings import Settings, load_settings
 from clawdbot.users import Users
 
@@ -44,5 +51,27 @@ class Runtime:
     def agents(self) -> Agents:
         return Agents(self.db)
 
+    @cached_property
+    def conversations(self) -> Conversations:
+        return Conversations(self.db)
+
+    @cached_property
+    def gateway(self) -> Gateway:
+        s = self.settings
+        return Gateway(
+            s,
+            self.store,
+            BackendSelector(s),
+            Admission(s.max_concurrent, s.queue_size, s.queue_timeout, pressure=VramGuard(s.vram_guard)),
+            RateLimiter(s.rate_limit, s.redis_url),
+        )
+
+    @cached_property
+    def chat(self) -> ChatService:
+        return ChatService(self.agents, self.conversations, self.gateway)
+
     def close(self) -> None:
+        if "gateway" in self.__dict__:
+            self.gateway.backends.close()
+            self.gateway.limiter.close()
         self.db.dispose()

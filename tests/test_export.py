@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import gc
 import json
 import os
 import re
@@ -22,6 +23,8 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -30,6 +33,7 @@ from typing import Any
 
 import pytest
 from openpyxl import load_workbook
+from openpyxl.xml import LXML
 from sqlalchemy import func, insert, select
 
 from clawdbot.audit import AuditStore, to_json
@@ -57,7 +61,7 @@ XLSX_ILLEGAL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 FORMATS = ("csv", "xlsx", "jsonl")
 
 T0 = datetime(2026, 3, 1, 9, 0, 0, 123456, tzinfo=UTC)
-LONG_PROMPT = "审计日志 audit log 🚀 مرحبا\n" * 2_500  # 60,000 characters, over the XLSX cell limit
+LONG_PROMPT = "审计日志 audit log 🚀 مرحبا\n" * 2_500  # 57,500 characters, over the XLSX cell limit
 LONG_RESPONSE = "=" + "x" * 40_000  # a formula start and over the limit: neutralized, then cut
 
 
@@ -220,12 +224,18 @@ SPECS: tuple[Spec, ...] = (
     ),
     # 8 and 9. Text for the search filter: % _ and backslash must match literally; case does not matter.
     Spec(
-        start={"started_at": T0 + timedelta(days=1), "user": "erin", "agent": "writer", "prompt": "I am 100% sure about a_b"},
+        start={
+            "started_at": T0 + timedelta(days=1), "user": "erin", "agent": "writer",
+            "prompt": "I am 100% sure about a_b",
+        },
         status="ok",
         finish={"finished_at": T0 + timedelta(days=1, seconds=1), "response": "saved to C:\\temp\\file.txt"},
     ),
     Spec(
-        start={"started_at": T0 + timedelta(days=1, hours=1), "user": "erin", "agent": "writer", "prompt": "I am 1000 sure about axb"},
+        start={
+            "started_at": T0 + timedelta(days=1, hours=1), "user": "erin", "agent": "writer",
+            "prompt": "I am 1000 sure about axb",
+        },
         status="ok",
         finish={"finished_at": T0 + timedelta(days=1, hours=1, seconds=1), "response": "Hello World"},
     ),
@@ -266,6 +276,14 @@ def record_events(store: AuditStore) -> list[int]:
 @pytest.fixture
 def request_ids(store: AuditStore) -> list[int]:
     return record_all(store)
+
+
+@pytest.fixture
+def outdir(tmp_path: Path) -> Path:
+    """An empty directory for exports (tmp_path itself holds the SQLite database)."""
+    path = tmp_path / "work"
+    path.mkdir()
+    return path
 
 
 # --- what the database holds, and what each format must show for it ----------------------------------------
@@ -326,8 +344,10 @@ def xlsx_expected(value: Any) -> Any:
         if len(text) > XLSX_CELL_LIMIT:
             note = cut_note(len(text))
             text = text[: XLSX_CELL_LIMIT - len(note)] + note
-        # XML turns a bare CR (and CR LF) into LF when read: see test_xlsx_keeps_carriage_returns.
-        return text.replace("\r\n", "\n").replace("\r", "\n")
+        if not LXML:
+            # Written raw, a CR becomes LF when the XML is read: see test_xlsx_keeps_carriage_returns.
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        return text
     return value
 
 
@@ -423,12 +443,14 @@ def test_csv_has_every_field(db: Database, store: AuditStore, request_ids: list[
     assert by_id[request_ids[1]]["started_at"] == "2026-03-01T10:00:00.123456Z"
 
 
-def test_csv_neutralizes_formulas(db: Database, store: AuditStore, request_ids: list[int], tmp_path: Path) -> None:
+def test_csv_neutralizes_formulas(
+    db: Database, store: AuditStore, request_ids: list[int], tmp_path: Path
+) -> None:
     path = tmp_path / "requests.csv"
     export_records(db, path, "csv", actor="tester", store=store)
     header, rows = read_csv(path)
     row = dict(zip(header, rows[3], strict=True))
-    assert row["prompt"] == "'=HYPERLINK(\"http://x\",\"y\")"
+    assert row["prompt"] == '\'=HYPERLINK("http://x","y")'
     assert row["response"] == "'+1"
     assert row["error"] == "'-2+3"
     assert row["thinking"] == "'@SUM(A1)"
@@ -449,7 +471,9 @@ def test_csv_neutralizes_formulas(db: Database, store: AuditStore, request_ids: 
             assert not cell.startswith(FORMULA_STARTS), cell
 
 
-def test_xlsx_has_every_field(db: Database, store: AuditStore, request_ids: list[int], tmp_path: Path) -> None:
+def test_xlsx_has_every_field(
+    db: Database, store: AuditStore, request_ids: list[int], tmp_path: Path
+) -> None:
     path = tmp_path / "requests.xlsx"
     assert export_records(db, path, "xlsx", actor="tester", store=store) == len(SPECS)
 
@@ -472,7 +496,7 @@ def test_xlsx_neutralizes_formulas_and_cleans_cells(
     export_records(db, path, "xlsx", actor="tester", store=store)
     header, rows = read_xlsx(path, "requests")
     row = dict(zip(header, rows[3], strict=True))
-    assert row["prompt"] == "'=HYPERLINK(\"http://x\",\"y\")"
+    assert row["prompt"] == '\'=HYPERLINK("http://x","y")'
     assert (row["response"], row["error"], row["thinking"]) == ("'+1", "'-2+3", "'@SUM(A1)")
     assert row["model_requested"] == "'\tx"
     assert row["user"] == "'=cmd|' /C calc'!A0"
@@ -522,7 +546,9 @@ def test_jsonl_has_every_field_unneutralized(
     assert first["fallback_used"] is False
     assert arabic["queue_ms"] == 1e-7 and arabic["tokens_per_s"] == 0.1
     assert arabic["response"] == "أنا بخير، شكرا!\r\nسطر ثان"
-    assert empty["prompt_tokens"] is None and empty["tokens_per_s"] is None and empty["conversation_id"] is None
+    assert (
+        empty["prompt_tokens"] is None and empty["tokens_per_s"] is None and empty["conversation_id"] is None
+    )
     assert empty["error"] == "" and empty["context"] == []
     # JSONL is data, not a spreadsheet: nothing is neutralized, cut or replaced.
     assert formulas["prompt"] == '=HYPERLINK("http://x","y")'
@@ -548,6 +574,22 @@ def test_jsonl_keeps_text_that_is_not_json(db: Database, store: AuditStore, tmp_
     assert row[CONTRACT_REQUEST_COLUMNS.index("tool_calls")] == "'-1"
 
 
+def test_non_finite_floats_keep_the_chain_and_jsonl_valid(
+    db: Database, store: AuditStore, outdir: Path
+) -> None:
+    """SQLite would store NaN as NULL after it was hashed (a broken chain), and JSONL has no NaN or Infinity."""
+    for value in (float("nan"), float("inf"), float("-inf")):
+        request_id = store.start_request(user="u")
+        try:
+            store.finish_request(request_id, "ok", tokens_per_s=value)
+        except UsageError:
+            store.finish_request(request_id, "ok", tokens_per_s=None)  # refusing them is a fine fix too
+    assert verify_chain(db).ok
+    export_records(db, outdir / "r.jsonl", "jsonl", actor="t", store=store)
+    for line in (outdir / "r.jsonl").read_text(encoding="utf-8").split("\n")[:-1]:
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+
+
 def test_events_export_has_every_field(db: Database, store: AuditStore, tmp_path: Path) -> None:
     record_events(store)
     before = stored_events(db)
@@ -555,7 +597,9 @@ def test_events_export_has_every_field(db: Database, store: AuditStore, tmp_path
     for fmt in FORMATS:
         # Only the three events recorded above: each export's own event comes after `before`.
         ids = AuditFilter(until=before[-1]["at"] + timedelta(microseconds=1))
-        count = export_records(db, tmp_path / f"events.{fmt}", fmt, "events", ids, actor="auditor", store=store)
+        count = export_records(
+            db, tmp_path / f"events.{fmt}", fmt, "events", ids, actor="auditor", store=store
+        )
         assert count == len(before)
     assert export_records(db, tmp_path / "all.jsonl", "jsonl", "events", future, actor="a", store=store) == 6
 
@@ -621,12 +665,16 @@ def contains(needle: str) -> Any:
         pytest.param(AuditFilter(user="张伟"), lambda row: row["user"] == "张伟", id="user chinese"),
         pytest.param(AuditFilter(user="erin"), lambda row: row["user"] == "erin", id="user"),
         pytest.param(
-            AuditFilter(user="=cmd|' /C calc'!A0"), lambda row: row["user"].startswith("=cmd"), id="user formula"
+            AuditFilter(user="=cmd|' /C calc'!A0"),
+            lambda row: row["user"].startswith("=cmd"),
+            id="user formula",
         ),
         pytest.param(AuditFilter(user="nobody"), lambda row: False, id="unknown user"),
         pytest.param(AuditFilter(agent="助手"), lambda row: row["agent"] == "助手", id="agent"),
         pytest.param(AuditFilter(status="ok"), lambda row: row["status"] == "ok", id="status ok"),
-        pytest.param(AuditFilter(status="started"), lambda row: row["status"] == "started", id="status started"),
+        pytest.param(
+            AuditFilter(status="started"), lambda row: row["status"] == "started", id="status started"
+        ),
         pytest.param(AuditFilter(status="abandoned"), lambda row: False, id="status none"),
         pytest.param(AuditFilter(search="100%"), contains("100%"), id="search percent"),
         pytest.param(AuditFilter(search="%"), contains("%"), id="search bare percent"),
@@ -659,7 +707,9 @@ def test_request_filters(
     assert count == len(expected)
 
 
-def test_search_literal_characters_select_exactly(db: Database, request_ids: list[int], tmp_path: Path) -> None:
+def test_search_literal_characters_select_exactly(
+    db: Database, request_ids: list[int], tmp_path: Path
+) -> None:
     """Pin the interesting cases by id, not only against the Python model of the filter."""
     erin_percent, erin_plain = request_ids[7], request_ids[8]
 
@@ -701,10 +751,10 @@ def test_events_filters(db: Database, store: AuditStore, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("audit_filter", [AuditFilter(agent="助手"), AuditFilter(status="ok")])
-def test_events_refuse_request_only_filters(db: Database, tmp_path: Path, audit_filter: AuditFilter) -> None:
+def test_events_refuse_request_only_filters(db: Database, outdir: Path, audit_filter: AuditFilter) -> None:
     with pytest.raises(UsageError, match="apply to requests"):
-        export_records(db, tmp_path / "ev.csv", "csv", "events", audit_filter, actor="t")
-    assert list(tmp_path.iterdir()) == []
+        export_records(db, outdir / "ev.csv", "csv", "events", audit_filter, actor="t")
+    assert list(outdir.iterdir()) == []
     assert export_events(db) == []
 
 
@@ -722,11 +772,11 @@ def test_bad_filters_are_refused(kwargs: dict[str, Any], message: str) -> None:
 
 @pytest.mark.parametrize(("fmt", "kind"), [("xml", "requests"), ("csv", "users")])
 def test_unknown_format_or_kind_is_refused(
-    db: Database, request_ids: list[int], tmp_path: Path, fmt: str, kind: str
+    db: Database, request_ids: list[int], outdir: Path, fmt: str, kind: str
 ) -> None:
     with pytest.raises(UsageError, match="unknown"):
-        export_records(db, tmp_path / "x.out", fmt, kind, actor="t")
-    assert list(tmp_path.iterdir()) == []
+        export_records(db, outdir / "x.out", fmt, kind, actor="t")
+    assert list(outdir.iterdir()) == []
     assert export_events(db) == []
 
 
@@ -773,7 +823,9 @@ def test_each_export_is_an_event_and_the_chain_verifies(
     assert events[-1].hash == result.head_hash
 
 
-def test_export_without_a_store_records_its_event(db: Database, request_ids: list[int], tmp_path: Path) -> None:
+def test_export_without_a_store_records_its_event(
+    db: Database, request_ids: list[int], tmp_path: Path
+) -> None:
     export_records(db, tmp_path / "r.csv", "csv", actor="someone")
     (event,) = export_events(db)
     assert event.actor == "someone" and json.loads(event.details)["rows"] == len(SPECS)
@@ -797,12 +849,13 @@ def cancel_at(row: int) -> Any:
     return on_row
 
 
+# openpyxl's abandoned spool generator complains when collected: see test_failed_xlsx_export_leaves_no_spool_file.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_failed_export_leaves_no_file(
-    db: Database, store: AuditStore, request_ids: list[int], tmp_path: Path, fmt: str
+    db: Database, store: AuditStore, request_ids: list[int], outdir: Path, fmt: str
 ) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
+    out = outdir
     target = out / f"requests.{fmt}"
     # Half the rows, long ones among them, are written before the failure.
     with pytest.raises(Cancelled):
@@ -821,24 +874,41 @@ def test_failed_export_leaves_no_file(
 
 
 def test_export_onto_a_directory_fails_and_leaves_it(
-    db: Database, store: AuditStore, request_ids: list[int], tmp_path: Path
+    db: Database, store: AuditStore, request_ids: list[int], outdir: Path
 ) -> None:
-    target = tmp_path / "exports"
+    target = outdir / "exports"
     target.mkdir()
     with pytest.raises(IsADirectoryError):
         export_records(db, target, "csv", actor="t", store=store)
     assert target.is_dir() and list(target.iterdir()) == []
-    assert list(tmp_path.iterdir()) == [target]
+    assert list(outdir.iterdir()) == [target]
     assert export_events(db) == []
 
 
-def test_export_under_a_regular_file_fails(db: Database, request_ids: list[int], tmp_path: Path) -> None:
-    blocker = tmp_path / "plain.txt"
+@pytest.mark.parametrize("under", ["r.csv", "sub/r.csv"])
+def test_export_under_a_regular_file_fails(
+    db: Database, request_ids: list[int], outdir: Path, under: str
+) -> None:
+    blocker = outdir / "plain.txt"
     blocker.write_text("not a directory")
     with pytest.raises(OSError):
-        export_records(db, blocker / "sub" / "r.csv", "csv", actor="t")
-    assert list(tmp_path.iterdir()) == [blocker]
+        export_records(db, blocker / under, "csv", actor="t")
+    assert list(outdir.iterdir()) == [blocker]
     assert blocker.read_text() == "not a directory"
+    assert export_events(db) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories anyway")
+def test_export_into_a_read_only_directory_fails(db: Database, request_ids: list[int], outdir: Path) -> None:
+    locked = outdir / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError):
+            export_records(db, locked / "r.csv", "csv", actor="t")
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
 
 
 def test_xlsx_of_thousands_of_records(db: Database, store: AuditStore, tmp_path: Path) -> None:
@@ -890,32 +960,33 @@ def clawdbot_command() -> str:
     return found
 
 
-def cli_env(db_url: str, tmp_path: Path) -> dict[str, str]:
+def cli_env(db_url: str, spool: Path) -> dict[str, str]:
+    """The environment of a CLI run: only this database, and temporary files kept where the test can see them."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLAWDBOT_") and k != "OLLAMA_HOST"}
-    spool = tmp_path / "tmpdir"
     spool.mkdir(exist_ok=True)
     env.update(CLAWDBOT_DATABASE_URL=db_url, TMPDIR=str(spool), PYTHONUTF8="1")
     return env
 
 
 def cli_export(
-    db: Database, tmp_path: Path, *args: str, max_file_bytes: int | None = None
+    db: Database, cwd: Path, *args: str, max_file_bytes: int | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """`clawdbot audit export ARGS` in `cwd`; with max_file_bytes, no file may grow past it (a full disk)."""
+
     def limit_file_size() -> None:
-        if max_file_bytes is not None:
-            # Files may not grow past this (a full disk, in effect); Python ignores SIGXFSZ, so write() fails.
-            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+        # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG ("File too large").
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes or 0, max_file_bytes or 0))
 
     return subprocess.run(
         [clawdbot_command(), "audit", "export", *args],
-        cwd=tmp_path,
-        env=cli_env(db.url, tmp_path),
+        cwd=cwd,
+        env=cli_env(db.url, cwd.parent / "spool"),
         capture_output=True,
         text=True,
         encoding="utf-8",
         timeout=120,
         check=False,
-        preexec_fn=limit_file_size if max_file_bytes is not None else None,  # noqa: PLW1509
+        preexec_fn=limit_file_size if max_file_bytes is not None else None,
     )
 
 
@@ -926,35 +997,48 @@ def one_error_line(stderr: str) -> str:
     return lines[0]
 
 
-def test_cli_exports(db: Database, store: AuditStore, request_ids: list[int], tmp_path: Path) -> None:
-    result = cli_export(db, tmp_path, "--format", "csv", "-o", "exports/张伟.csv", "--user", "张伟")
+def test_cli_exports(db: Database, store: AuditStore, request_ids: list[int], outdir: Path) -> None:
+    result = cli_export(db, outdir, "--format", "csv", "-o", "exports/张伟.csv", "--user", "张伟")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "exported 1 requests to exports/张伟.csv\n"
     assert result.stderr == ""
-    header, rows = read_csv(tmp_path / "exports" / "张伟.csv")
+    header, rows = read_csv(outdir / "exports" / "张伟.csv")
     assert header == CONTRACT_REQUEST_COLUMNS
     assert [int(row[0]) for row in rows] == [request_ids[0]]
+    assert rows[0] == [csv_expected(value) for value in stored_requests(db)[0].values()]
 
     result = cli_export(
-        db, tmp_path, "--format", "xlsx", "--output", "all.xlsx",
-        "--since", "2026-03-01T10:00:00.123456+00:00", "--until", "2026-03-02", "--search", "%",
+        db, outdir, "--format", "xlsx", "--output", "some.xlsx",
+        "--since", "2026-03-01T10:00:00.123456+00:00", "--until", "2026-03-03", "--search", "%",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    _, xrows = read_xlsx(tmp_path / "all.xlsx", "requests")
-    assert [row[0] for row in xrows] == [request_ids[7]]  # 100% (the record with 12% started before --since)
+    assert result.stdout == "exported 1 requests to some.xlsx\n"
+    _, xrows = read_xlsx(outdir / "some.xlsx", "requests")
+    assert [row[0] for row in xrows] == [request_ids[7]]  # "100%" (the "12%" record started before --since)
 
-    result = cli_export(db, tmp_path, "--format", "jsonl", "--kind", "events", "-o", "events.jsonl")
+    result = cli_export(db, outdir, "--format", "jsonl", "--agent", "助手", "--status", "ok", "-o", "a.jsonl")
     assert result.returncode == 0, result.stderr
-    events = read_jsonl(tmp_path / "events.jsonl")
-    assert [e["action"] for e in events] == ["audit.export", "audit.export"]
+    assert exported_ids(outdir / "a.jsonl") == [request_ids[0]]
+
+    result = cli_export(db, outdir, "--format", "jsonl", "--kind", "events", "-o", "events.jsonl")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "exported 3 events to events.jsonl\n"
+    events = read_jsonl(outdir / "events.jsonl")
+    assert [e["action"] for e in events] == ["audit.export"] * 3
     assert events[0]["actor"].startswith("cli:")
-    assert events[0]["details"] == {"format": "csv", "filter": {"user": "张伟"}, "rows": 1, "file": "张伟.csv"}
+    assert events[0]["details"] == {
+        "format": "csv",
+        "filter": {"user": "张伟"},
+        "rows": 1,
+        "file": "张伟.csv",
+    }
     assert events[1]["details"]["filter"] == {
         "since": "2026-03-01T10:00:00.123456+00:00",
-        "until": "2026-03-02T00:00:00+00:00",
+        "until": "2026-03-03T00:00:00+00:00",
         "search": "%",
     }
-    assert len(export_events(db)) == 3
+    assert events[2]["details"]["filter"] == {"agent": "助手", "status": "ok"}
+    assert len(export_events(db)) == 4
     assert verify_chain(db).ok
 
 
@@ -977,19 +1061,18 @@ CLI_USAGE_ERRORS = {
         "--agent and --status apply to requests",
     ),
     "missing format": (["-o", "i.csv"], "Missing option '--format'"),
-    "missing output": (["--format", "csv"], "Missing option"),
+    "missing output": (["--format", "csv"], "Missing option '-o' / '--output'"),
 }
 
 
-def test_cli_usage_errors(db: Database, request_ids: list[int], tmp_path: Path) -> None:
+def test_cli_usage_errors(db: Database, request_ids: list[int], outdir: Path) -> None:
     """Each bad invocation: one line on stderr starting with "error:", exit code 2, no file, no event."""
-    env = cli_env(db.url, tmp_path)
-    before = sorted(tmp_path.iterdir())
-    # Started together: each is a separate process, and they only read.
+    env = cli_env(db.url, outdir.parent / "spool")
+    # Started together, to save time: each is its own process, and none of them writes.
     procs = {
         name: subprocess.Popen(
             [clawdbot_command(), "audit", "export", *args],
-            cwd=tmp_path,
+            cwd=outdir,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -1000,97 +1083,116 @@ def test_cli_usage_errors(db: Database, request_ids: list[int], tmp_path: Path) 
     }
     for name, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=120)
-        message = CLI_USAGE_ERRORS[name][1]
         assert proc.returncode == 2, (name, stderr)
-        assert message in one_error_line(stderr), (name, stderr)
+        assert CLI_USAGE_ERRORS[name][1] in one_error_line(stderr), (name, stderr)
         assert stdout == "", name
-    assert sorted(tmp_path.iterdir()) == before
+    assert list(outdir.iterdir()) == []
     assert export_events(db) == []
 
 
-def test_cli_unwritable_output(db: Database, request_ids: list[int], tmp_path: Path) -> None:
-    blocker = tmp_path / "plain.txt"
+def test_cli_unwritable_output(db: Database, request_ids: list[int], outdir: Path) -> None:
+    """An output the process cannot create: one line, exit code 1, nothing written, no event."""
+    blocker = outdir / "plain.txt"
     blocker.write_text("x")
-    result = cli_export(db, tmp_path, "--format", "csv", "-o", "plain.txt/r.csv")
-    assert result.returncode == 1
-    assert "Not a directory" in one_error_line(result.stderr)
-    result = cli_export(db, tmp_path, "--format", "xlsx", "-o", "plain.txt/sub/r.xlsx")
-    assert result.returncode == 1
-    one_error_line(result.stderr)
-    (tmp_path / "adir").mkdir()
-    result = cli_export(db, tmp_path, "--format", "jsonl", "-o", "adir")
-    assert result.returncode == 1
-    assert "Is a directory" in one_error_line(result.stderr)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "plain.txt", "tmpdir"]
-    assert list((tmp_path / "adir").iterdir()) == []
+    (outdir / "adir").mkdir()
+    for output in ("plain.txt/r.csv", "plain.txt/sub/r.xlsx", "adir"):
+        fmt = output.rsplit(".", 1)[-1] if "." in output else "jsonl"
+        result = cli_export(db, outdir, "--format", fmt, "-o", output)
+        assert result.returncode == 1, (output, result.stdout)
+        assert result.stdout == ""
+        line = one_error_line(result.stderr)
+        assert any(word in line for word in ("File exists", "Not a directory", "Is a directory")), line
+    assert sorted(p.name for p in outdir.iterdir()) == ["adir", "plain.txt"]
+    assert list((outdir / "adir").iterdir()) == []
+    assert blocker.read_text() == "x"
     assert export_events(db) == []
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        "csv",
+        "jsonl",
+        pytest.param(
+            "xlsx",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="openpyxl's abandoned spool generator prints a traceback at exit after the error line",
+            ),
+        ),
+    ],
+)
 def test_cli_disk_full_while_writing(
-    db: Database, store: AuditStore, request_ids: list[int], tmp_path: Path, fmt: str
+    db: Database, store: AuditStore, request_ids: list[int], outdir: Path, fmt: str
 ) -> None:
     """A write that fails half-way (the file size limit stands in for a full disk): one line, no file."""
-    target = tmp_path / "out" / f"r.{fmt}"
-    result = cli_export(db, tmp_path, "--format", fmt, "-o", "out/r." + fmt, max_file_bytes=64 * 1024)
+    limit = 64 * 1024
+    target = outdir / "out" / f"r.{fmt}"
+    result = cli_export(db, outdir, "--format", fmt, "-o", f"out/r.{fmt}", max_file_bytes=limit)
     assert result.returncode == 1, result.stdout
     assert "File too large" in one_error_line(result.stderr)
-    assert not target.exists()
-    assert list((tmp_path / "out").iterdir()) == []
-    assert list((tmp_path / "tmpdir").iterdir()) == []  # openpyxl's spool files are gone too
+    assert list((outdir / "out").iterdir()) == []
+    assert list((outdir.parent / "spool").iterdir()) == []  # no temporary files left either
     assert export_events(db) == []
-    # The same export without the limit is bigger than the limit, so the failure was in mid-write.
-    result = cli_export(db, tmp_path, "--format", fmt, "-o", "out/r." + fmt)
-    assert result.returncode == 0, result.stderr
-    assert target.stat().st_size > 64 * 1024
+    # The same export without the limit writes more than the limit: the failure came in mid-write.
+    done = cli_export(db, outdir, "--format", fmt, "-o", f"out/r.{fmt}")
+    assert done.returncode == 0, done.stderr
+    if fmt == "xlsx":
+        # The rows are spooled uncompressed before they are zipped: that is where the limit struck.
+        with zipfile.ZipFile(target) as archive:
+            assert sum(info.file_size for info in archive.infolist()) > limit
+    else:
+        assert target.stat().st_size > limit
 
 
 # --- known defects (strict: these start failing, as a reminder to drop the mark, once fixed) --------------
 
 
 @pytest.mark.xfail(
+    not LXML,
     strict=True,
     reason="without lxml, openpyxl writes CR as a raw character, which XML readers turn into LF",
 )
-def test_xlsx_keeps_carriage_returns(db: Database, store: AuditStore, tmp_path: Path) -> None:
+def test_xlsx_keeps_carriage_returns(db: Database, store: AuditStore, outdir: Path) -> None:
     request_id = store.start_request(user="u", prompt="line one\r\nline two")
     store.finish_request(request_id, "ok", response="a\rb")
-    export_records(db, tmp_path / "r.xlsx", "xlsx", actor="t", store=store)
-    header, (row,) = read_xlsx(tmp_path / "r.xlsx", "requests")
+    export_records(db, outdir / "r.xlsx", "xlsx", actor="t", store=store)
+    header, (row,) = read_xlsx(outdir / "r.xlsx", "requests")
     cells = dict(zip(header, row, strict=True))
     assert (cells["prompt"], cells["response"]) == ("line one\r\nline two", "a\rb")
 
 
 @pytest.mark.xfail(strict=True, reason="U+FFFE/U+FFFF are not legal XML: the workbook cannot be opened")
-def test_xlsx_with_xml_noncharacters_opens(db: Database, store: AuditStore, tmp_path: Path) -> None:
+def test_xlsx_with_xml_noncharacters_opens(db: Database, store: AuditStore, outdir: Path) -> None:
     request_id = store.start_request(user="u", prompt="odd \uffff and \ufffe text")
     store.finish_request(request_id, "ok")
-    export_records(db, tmp_path / "r.xlsx", "xlsx", actor="t", store=store)
-    header, (row,) = read_xlsx(tmp_path / "r.xlsx", "requests")
+    export_records(db, outdir / "r.xlsx", "xlsx", actor="t", store=store)
+    header, (row,) = read_xlsx(outdir / "r.xlsx", "requests")
     assert dict(zip(header, row, strict=True))["prompt"] == "odd \ufffd and \ufffd text"
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="non-finite floats: SQLite stores NaN as NULL after it was hashed, and JSONL gets bare NaN/Infinity",
+    strict=True, reason="a failed XLSX export leaves openpyxl's spool file until the process exits"
 )
-def test_non_finite_floats_keep_the_chain_and_jsonl_valid(db: Database, store: AuditStore, tmp_path: Path) -> None:
-    for value in (float("nan"), float("inf")):
-        request_id = store.start_request(user="u")
-        try:
-            store.finish_request(request_id, "ok", tokens_per_s=value)
-        except UsageError:
-            store.finish_request(request_id, "ok", tokens_per_s=None)  # refusing them is a fine fix too
-    assert verify_chain(db).ok
-    export_records(db, tmp_path / "r.jsonl", "jsonl", actor="t", store=store)
-    for line in (tmp_path / "r.jsonl").read_text(encoding="utf-8").splitlines():
-        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_failed_xlsx_export_leaves_no_spool_file(
+    db: Database, store: AuditStore, request_ids: list[int], outdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = outdir / "spool"
+    spool.mkdir()
+    # Where openpyxl's write-only sheets spool their rows.
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    with pytest.raises(Cancelled):
+        export_records(db, outdir / "r.xlsx", "xlsx", actor="t", store=store, on_row=cancel_at(len(SPECS)))
+    gc.collect()
+    assert list(spool.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="the CLI names the hidden temporary file, not the output the user gave")
-def test_cli_write_error_names_the_output(db: Database, tmp_path: Path) -> None:
-    (tmp_path / "adir").mkdir()
-    result = cli_export(db, tmp_path, "--format", "csv", "-o", "adir")
+@pytest.mark.xfail(
+    strict=True, reason="the CLI names the hidden temporary file, not the output the user gave"
+)
+def test_cli_write_error_names_the_output(db: Database, outdir: Path) -> None:
+    (outdir / "adir").mkdir()
+    result = cli_export(db, outdir, "--format", "csv", "-o", "adir")
     line = one_error_line(result.stderr)
     assert ".part" not in line and "adir" in line
-

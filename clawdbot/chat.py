@@ -1,0 +1,127 @@
+"""One turn of a conversation with an agent, shared by the chat page, `clawdbot ask` and the HTTP API.
+
+It turns (user, agent, prompt, conversation) into the messages to send, runs them through the gateway, and
+stores the turn in the conversation, including a partial answer when the person pressed stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any
+
+from clawdbot.agents import AgentInfo, Agents
+from clawdbot.backends import ContentDelta, ThinkingDelta, ToolCall
+from clawdbot.conversations import Conversations, StoredMessage
+from clawdbot.errors import UsageError
+from clawdbot.gateway import ChatRequest, Finished, Gateway, GatewayEvent, Queued, Started
+
+MAX_PROMPT_CHARS = 200_000
+
+
+@dataclass(frozen=True)
+class TurnStarted:
+    """Sent first: which conversation the turn belongs to (a new one is created when none was given)."""
+
+    conversation_id: int
+    agent: AgentInfo
+
+
+class ChatService:
+    def __init__(self, agents: Agents, conversations: Conversations, gateway: Gateway) -> None:
+        self.agents = agents
+        self.conversations = conversations
+        self.gateway = gateway
+
+    def turn(
+        self,
+        user: str,
+        prompt: str,
+        *,
+        agent: str | None = None,
+        conversation_id: int | None = None,
+        think: bool | None = None,
+        client_ip: str = "",
+    ) -> Generator[TurnStarted | GatewayEvent, None, None]:
+        """Run one turn; yields `TurnStarted`, then the gateway's events, ending with `Finished`."""
+        if conversation_id is not None:
+            owner_agent = self.conversations.agent_of(conversation_id, user)
+            if agent is not None and agent != owner_agent:
+                raise UsageError(
+                    f"conversation {conversation_id} is with agent {owner_agent!r}, not {agent!r}"
+                )
+            agent = owner_agent
+        if agent is None:
+            raise UsageError("name an agent (see `clawdbot agent list`) or a conversation to continue")
+        info = self.agents.get(agent)
+        if info.archived:
+            raise UsageError(f"the agent {agent!r} is archived; an admin can restore it")
+        config = info.config
+        history = self.conversations.history(conversation_id, user) if conversation_id is not None else []
+        messages: list[dict[str, Any]] = []
+        if config.system_prompt:
+            messages.append({"role": "system", "content": config.system_prompt})
+        messages.extend(m.for_model() for m in history)
+        messages.append({"role": "user", "content": prompt})
+        request = ChatRequest(
+            user=user,
+            messages=messages,
+            model=config.model,
+            prompt=prompt,
+            fallback_model=config.fallback_model,
+            client_ip=client_ip,
+            conversation_id=conversation_id,
+            agent=info.name,
+            agent_version=info.version,
+            agent_version_id=info.version_id,
+            think=config.think if think is None else think,
+            context_budget=config.context_budget,
+            max_output_tokens=config.max_output_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
+        )
+        problem = _check_prompt(prompt)
+        if problem:
+            yield self.gateway.reject(request, problem)
+            return
+        if conversation_id is None:
+            conversation_id = self.conversations.create(user, info.name)
+            request = ChatRequest(**{**request.__dict__, "conversation_id": conversation_id})
+        yield TurnStarted(conversation_id, info)
+
+        content: list[str] = []
+        thinking: list[str] = []
+        tool_calls: list[dict[str, Any]] = []
+        request_id: int | None = None
+        try:
+            for event in self.gateway.stream(request):
+                if isinstance(event, ContentDelta):
+                    content.append(event.text)
+                elif isinstance(event, ThinkingDelta):
+                    thinking.append(event.text)
+                elif isinstance(event, ToolCall):
+                    tool_calls.append({"name": event.name, "arguments": event.arguments})
+                elif isinstance(event, Started | Queued | Finished):
+                    request_id = event.request_id
+                yield event
+        finally:
+            # Kept also when the caller stopped half-way: the partial answer belongs to the conversation.
+            if content or thinking or tool_calls:
+                self.conversations.append(
+                    conversation_id,
+                    user,
+                    [
+                        StoredMessage("user", prompt, "", [], request_id),
+                        StoredMessage(
+                            "assistant", "".join(content), "".join(thinking), tool_calls, request_id
+                        ),
+                    ],
+                )
+
+
+def _check_prompt(prompt: str) -> str:
+    if not prompt.strip():
+        return "the message is empty: type a question or instruction"
+    if len(prompt) > MAX_PROMPT_CHARS:
+        return f"the message is longer than {MAX_PROMPT_CHARS} characters: attach long text as a file instead"
+    return ""

@@ -1,0 +1,382 @@
+"""The one road every request takes (web page, CLI, HTTP API) between a person and the GPU.
+
+`Gateway.stream()` records the request, applies the user's rate limit, waits for a slot (reporting its place in
+the queue), streams from the backend with retries before the first token and then the fallback model, and
+finalizes the audit record in `finally`, also when the caller stops reading half-way (closing the generator is
+the cancel signal; it frees the slot at once). It yields the backend's own event objects, so the token path
+adds no allocation, and ends with one `Finished` that says what happened in plain words.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+from clawdbot.admission import Admission, Ticket
+from clawdbot.audit import AuditStore, to_json
+from clawdbot.backends import (
+    Backend,
+    BackendError,
+    BackendSelector,
+    BackendTimeout,
+    ContentDelta,
+    Done,
+    ModelCall,
+    ModelNotFound,
+    ThinkingDelta,
+    ToolCall,
+)
+from clawdbot.errors import BusyError, ClawdbotError, RateLimitedError
+from clawdbot.models import Status
+from clawdbot.ratelimit import RateLimiter
+from clawdbot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RETRY_DELAY_S = 0.5
+QUEUE_REPORT_INTERVAL_S = 0.2
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """What a caller asks: the messages to send (already within the budget) and who asks, for the record."""
+
+    user: str
+    messages: list[dict[str, Any]]
+    model: str
+    prompt: str = ""
+    fallback_model: str = ""
+    client_ip: str = ""
+    conversation_id: int | None = None
+    agent: str = ""
+    agent_version: int | None = None
+    agent_version_id: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    think: bool | None = None
+    context_budget: int = 7500
+    max_output_tokens: int = 2048
+    temperature: float | None = None
+    top_p: float | None = None
+    attachments: list[dict[str, Any]] = field(default_factory=list)
+    audit: dict[str, Any] = field(default_factory=dict)
+    """Further record fields the caller computed (token counts and truncation from context planning)."""
+
+
+@dataclass(frozen=True)
+class Queued:
+    """The request waits for a slot; `position` 1 is next."""
+
+    request_id: int
+    position: int
+
+
+@dataclass(frozen=True)
+class Started:
+    """A backend accepted the request (sent again after a retry or on the fallback model)."""
+
+    request_id: int
+    backend: str
+    model: str
+
+
+EXIT_CODES = {
+    Status.OK: 0,
+    Status.REJECTED_INPUT: 2,
+    Status.BUSY: 3,
+    Status.RATE_LIMITED: 4,
+    Status.TIMEOUT: 6,
+}
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The outcome: status, a sentence for people, and the figures shown under an answer."""
+
+    request_id: int
+    status: Status
+    message: str = ""
+    retry_after: float | None = None
+    model_unavailable: bool = False
+    backend: str = ""
+    model_used: str = ""
+    fallback_used: bool = False
+    retries: int = 0
+    response: str = ""
+    thinking: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    queue_ms: float | None = None
+    ttft_ms: float | None = None
+    latency_ms: float | None = None
+    tokens_per_s: float | None = None
+    prompt_eval_count: int | None = None
+    completion_tokens: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """The `clawdbot ask` exit code of the contract."""
+        if self.model_unavailable:
+            return 5
+        return EXIT_CODES.get(self.status, 1)
+
+
+GatewayEvent: TypeAlias = Queued | Started | ThinkingDelta | ContentDelta | ToolCall | Finished
+
+
+class _Attempt:
+    """What one request has produced so far, across retries and the fallback."""
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.thinking: list[str] = []
+        self.tool_calls: list[dict[str, Any]] = []
+        self.first_token_at: float | None = None
+        self.started_at: float | None = None
+        self.done: Done | None = None
+        self.deltas = 0
+        self.backend = ""
+        self.model_used = ""
+        self.retries = 0
+        self.fallback_used = False
+
+
+class Gateway:
+    """Admission, limits, retries, fallback and audit for every model request in the process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: AuditStore,
+        backends: BackendSelector,
+        admission: Admission,
+        limiter: RateLimiter,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.backends = backends
+        self.admission = admission
+        self.limiter = limiter
+
+    def stream(self, request: ChatRequest) -> Generator[GatewayEvent, None, None]:
+        """Serve one request; the last event is always `Finished` unless the caller closes the stream first."""
+        entered = time.perf_counter()
+        request_id = self.store.start_request(
+            user=request.user,
+            client_ip=request.client_ip,
+            conversation_id=request.conversation_id,
+            agent=request.agent,
+            agent_version=request.agent_version,
+            agent_version_id=request.agent_version_id,
+            model_requested=request.model,
+            prompt=request.prompt,
+            context=to_json(request.messages),
+            attachments=to_json(request.attachments),
+            **request.audit,
+        )
+        state = _Attempt()
+        outcome: dict[str, Any] = {
+            "status": Status.CANCELLED,
+            "message": "the caller stopped reading the answer",
+        }
+        ticket: Ticket | None = None
+        admitted_at: float | None = None
+        try:
+            try:
+                self.limiter.check(request.user)
+                ticket = self.admission.enter()
+            except (RateLimitedError, BusyError) as exc:
+                status = Status.RATE_LIMITED if isinstance(exc, RateLimitedError) else Status.BUSY
+                outcome = {"status": status, "message": exc.message, "retry_after": exc.retry_after}
+            else:
+                try:
+                    while not ticket.wait(QUEUE_REPORT_INTERVAL_S):
+                        if ticket.position == -1:  # released by another thread: cancelled while queued
+                            return
+                        yield Queued(request_id, ticket.position)
+                except BusyError as exc:
+                    outcome = {"status": Status.BUSY, "message": exc.message, "retry_after": exc.retry_after}
+                else:
+                    admitted_at = time.perf_counter()
+                    outcome = yield from self._generate(request_id, request, state)
+        except ClawdbotError as exc:  # e.g. the shared rate limiter's Redis is unreachable
+            outcome = {"status": Status.ERROR, "message": exc.message}
+        except Exception as exc:
+            outcome = {"status": Status.ERROR, "message": f"internal error: {type(exc).__name__}: {exc}"}
+            raise
+        finally:
+            if ticket is not None:
+                ticket.release()
+                if admitted_at is not None:
+                    self.admission.record_service_time(time.perf_counter() - admitted_at)
+            finished = self._finish(request_id, request, state, outcome, entered, admitted_at)
+        yield finished
+
+    def reject(self, request: ChatRequest, message: str) -> Finished:
+        """Record input refused before any model call (`rejected_input`), so the refusal is audited too."""
+        request_id = self.store.start_request(
+            user=request.user,
+            client_ip=request.client_ip,
+            conversation_id=request.conversation_id,
+            agent=request.agent,
+            agent_version=request.agent_version,
+            agent_version_id=request.agent_version_id,
+            model_requested=request.model,
+            prompt=request.prompt,
+            attachments=to_json(request.attachments),
+        )
+        outcome = {"status": Status.REJECTED_INPUT, "message": message}
+        return self._finish(request_id, request, _Attempt(), outcome, time.perf_counter(), None)
+
+    def _generate(
+        self, request_id: int, request: ChatRequest, state: _Attempt
+    ) -> Generator[GatewayEvent, None, dict[str, Any]]:
+        models = [request.model]
+        fallback = request.fallback_model or self.settings.fallback_model
+        if fallback and fallback != request.model:
+            models.append(fallback)
+        last_error: BackendError | None = None
+        for index, model in enumerate(models):
+            for attempt in range(self.settings.retries + 1):
+                if attempt:
+                    time.sleep(RETRY_DELAY_S)
+                    state.retries += 1
+                backend = self.backends.current()
+                state.backend, state.model_used = backend.name, self._model_name(backend, model)
+                state.fallback_used = index > 0
+                yield Started(request_id, state.backend, state.model_used)
+                try:
+                    yield from self._stream_once(backend, model, request, state)
+                    return {"status": Status.OK}
+                except BackendTimeout as exc:
+                    return {"status": Status.TIMEOUT, "message": self._partial(exc.message, state)}
+                except BackendError as exc:
+                    if state.first_token_at is not None:
+                        # After the first token there is no retry: the partial answer stands as it is.
+                        return {"status": Status.ERROR, "message": self._partial(exc.message, state)}
+                    last_error = exc
+                    self.backends.invalidate()
+                    log.warning(
+                        "request %d: %s (model %s, attempt %d)", request_id, exc.message, model, attempt + 1
+                    )
+                    if isinstance(exc, ModelNotFound) or not exc.retryable:
+                        break
+        tried = " and the fallback model " + models[1] if len(models) > 1 else ""
+        detail = last_error.message if last_error is not None else "no backend answered"
+        return {
+            "status": Status.ERROR,
+            "model_unavailable": True,
+            "message": f"{detail} (after {state.retries} retries{tried})",
+        }
+
+    def _stream_once(
+        self, backend: Backend, model: str, request: ChatRequest, state: _Attempt
+    ) -> Generator[GatewayEvent, None, None]:
+        call = ModelCall(
+            model=model,
+            messages=request.messages,
+            tools=request.tools,
+            think=request.think,
+            num_ctx=request.context_budget + request.max_output_tokens,
+            num_predict=request.max_output_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            keep_alive=self.settings.keep_alive,
+        )
+        state.started_at = time.perf_counter()
+        events = backend.stream(call)
+        try:
+            for event in events:
+                if isinstance(event, ContentDelta):
+                    state.content.append(event.text)
+                elif isinstance(event, ThinkingDelta):
+                    state.thinking.append(event.text)
+                elif isinstance(event, ToolCall):
+                    state.tool_calls.append({"name": event.name, "arguments": event.arguments})
+                else:
+                    state.done = event
+                    continue
+                state.deltas += 1
+                if state.first_token_at is None:
+                    state.first_token_at = time.perf_counter()
+                yield event
+        finally:
+            events.close()
+
+    @staticmethod
+    def _model_name(backend: Backend, model: str) -> str:
+        if backend.name == "ollama":
+            return model
+        return next((m.name for m in backend.models()), backend.name)
+
+    @staticmethod
+    def _partial(message: str, state: _Attempt) -> str:
+        if state.first_token_at is None:
+            return message
+        return f"{message}; the answer stopped part-way and what arrived is kept"
+
+    def _finish(
+        self,
+        request_id: int,
+        request: ChatRequest,
+        state: _Attempt,
+        outcome: dict[str, Any],
+        entered: float,
+        admitted_at: float | None,
+    ) -> Finished:
+        ended = time.perf_counter()
+        done = state.done
+        ttft_ms = None
+        if state.first_token_at is not None and state.started_at is not None:
+            ttft_ms = (state.first_token_at - state.started_at) * 1000
+        completion = done.eval_count if done is not None and done.eval_count else (state.deltas or None)
+        tokens_per_s = None
+        if done is not None and done.eval_count and done.eval_duration_ns:
+            tokens_per_s = done.eval_count / (done.eval_duration_ns / 1e9)
+        elif state.first_token_at is not None and state.deltas > 1 and ended > state.first_token_at:
+            tokens_per_s = (state.deltas - 1) / (ended - state.first_token_at)
+        finished = Finished(
+            request_id=request_id,
+            status=outcome["status"],
+            message=outcome.get("message", ""),
+            retry_after=outcome.get("retry_after"),
+            model_unavailable=outcome.get("model_unavailable", False),
+            backend=state.backend,
+            model_used=state.model_used,
+            fallback_used=state.fallback_used,
+            retries=state.retries,
+            response="".join(state.content),
+            thinking="".join(state.thinking),
+            tool_calls=state.tool_calls,
+            queue_ms=(admitted_at - entered) * 1000 if admitted_at is not None else None,
+            ttft_ms=ttft_ms,
+            latency_ms=(ended - entered) * 1000,
+            tokens_per_s=tokens_per_s,
+            prompt_eval_count=done.prompt_eval_count if done is not None else None,
+            completion_tokens=completion,
+        )
+        try:
+            self.store.finish_request(
+                request_id,
+                finished.status,
+                error=finished.message if finished.status is not Status.OK else "",
+                backend=finished.backend,
+                model_used=finished.model_used,
+                fallback_used=finished.fallback_used,
+                retries=finished.retries,
+                response=finished.response,
+                thinking=finished.thinking,
+                tool_calls=json.dumps(finished.tool_calls, ensure_ascii=False),
+                prompt_eval_count=finished.prompt_eval_count,
+                completion_tokens=finished.completion_tokens,
+                queue_ms=finished.queue_ms,
+                ttft_ms=finished.ttft_ms,
+                latency_ms=finished.latency_ms,
+                tokens_per_s=finished.tokens_per_s,
+            )
+        except Exception:
+            # The record stays `started`; the next start-up marks it abandoned, so it is never lost.
+            log.exception("request %d could not be finalized in the audit log", request_id)
+        return finished
