@@ -209,8 +209,7 @@ def ask(
     if finished is None:
         raise ClawdbotError("the answer ended without an outcome")
     if finished.status is not Status.OK:
-        retry = f" (try again in {finished.retry_after:.0f} s)" if finished.retry_after else ""
-        typer.echo(f"error: {finished.message}{retry}", err=True)
+        typer.echo(f"error: {finished.message}", err=True)
     elif conversation is not None:
         typer.echo(f"conversation {conversation}: continue it with --conversation {conversation}", err=True)
     if finished.exit_code:

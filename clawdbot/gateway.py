@@ -20,6 +20,7 @@ from clawdbot.admission import Admission, Ticket
 from clawdbot.audit import AuditStore, to_json
 from clawdbot.backends import (
     Backend,
+    BackendBusy,
     BackendError,
     BackendSelector,
     BackendTimeout,
@@ -238,16 +239,20 @@ class Gateway:
         if fallback and fallback != request.model:
             models.append(fallback)
         last_error: BackendError | None = None
+        errors: dict[str, BackendError] = {}  # the last failure of each model
         for index, model in enumerate(models):
             for attempt in range(self.settings.retries + 1):
                 if attempt:
                     time.sleep(RETRY_DELAY_S)
                     state.retries += 1
                 backend = self.backends.current()
-                state.backend, state.model_used = backend.name, self._model_name(backend, model)
+                state.backend, state.model_used = backend.name, model
                 state.fallback_used = index > 0
-                yield Started(request_id, state.backend, state.model_used)
                 try:
+                    # Inside the try: naming the embedded model loads it, and a model that cannot load is a
+                    # backend failure like any other (retries, fallback, exit 5), not an internal error.
+                    state.model_used = self._model_name(backend, model)
+                    yield Started(request_id, state.backend, state.model_used)
                     yield from self._stream_once(backend, model, request, state)
                     return {"status": Status.OK}
                 except BackendTimeout as exc:
@@ -256,7 +261,7 @@ class Gateway:
                     if state.first_token_at is not None:
                         # After the first token there is no retry: the partial answer stands as it is.
                         return {"status": Status.ERROR, "message": self._partial(exc.message, state)}
-                    last_error = exc
+                    last_error = errors[model] = exc
                     self.backends.invalidate()
                     log.warning(
                         "request %d: %s (model %s, attempt %d)", request_id, exc.message, model, attempt + 1
@@ -265,6 +270,14 @@ class Gateway:
                         break
         tried = " and the fallback model " + models[1] if len(models) > 1 else ""
         detail = last_error.message if last_error is not None else "no backend answered"
+        first = errors.get(models[0])
+        if last_error is not None and first is not None and first.message != last_error.message:
+            # Both failures matter: e.g. the model asked for is not installed *and* neither is the fallback.
+            detail = f"{first.message}; the fallback model {models[1]} failed too: {last_error.message}"
+            tried = ""
+        if isinstance(last_error, BackendBusy):
+            # The server itself is at capacity (Ollama's 503): busy, like a full queue here (exit 3).
+            return {"status": Status.BUSY, "message": f"{detail} (after {state.retries} retries{tried})"}
         return {
             "status": Status.ERROR,
             "model_unavailable": True,
