@@ -72,6 +72,7 @@ __all__ = [
 _ERROR_TEXT_LIMIT = 300
 # The embedded model is a stand-in for when Ollama is down; long answers from it are rarely worth the CPU time.
 EMBEDDED_MAX_OUTPUT_TOKENS = 512
+EMBEDDED_DEFAULT_N_CTX = 4096
 EMBEDDED_REPEAT_PENALTY = 1.3
 _PROBE_TIMEOUT_S = 2.0
 _DEFAULT_OLLAMA_PORT = 11434
@@ -571,7 +572,7 @@ class EmbeddedBackend:
     def __init__(
         self,
         model_path: str | None = None,
-        n_ctx: int = 4096,
+        n_ctx: int = EMBEDDED_DEFAULT_N_CTX,
         *,
         n_threads: int | None = None,
         lock_timeout: float | None = None,

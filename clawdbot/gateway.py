@@ -19,6 +19,8 @@ from typing import Any, TypeAlias
 from clawdbot.admission import Admission, Ticket
 from clawdbot.audit import AuditStore, to_json
 from clawdbot.backends import (
+    EMBEDDED_DEFAULT_N_CTX,
+    EMBEDDED_MAX_OUTPUT_TOKENS,
     Backend,
     BackendBusy,
     BackendError,
@@ -31,10 +33,12 @@ from clawdbot.backends import (
     ThinkingDelta,
     ToolCall,
 )
+from clawdbot.context import ContextPlan, plan_context
 from clawdbot.errors import BusyError, ClawdbotError, RateLimitedError
 from clawdbot.models import Status
 from clawdbot.ratelimit import RateLimiter
 from clawdbot.settings import Settings
+from clawdbot.tokens import counter_for
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,15 @@ class Queued:
 
     request_id: int
     position: int
+
+
+@dataclass(frozen=True)
+class ContextPlanned:
+    """Sent when the context had to be shortened: `plan.dropped` lists the earlier messages left out and
+    `plan.notice()` says it in plain words."""
+
+    request_id: int
+    plan: ContextPlan
 
 
 @dataclass(frozen=True)
@@ -124,7 +137,9 @@ class Finished:
         return EXIT_CODES.get(self.status, 1)
 
 
-GatewayEvent: TypeAlias = Queued | Started | ThinkingDelta | ContentDelta | ToolCall | Finished
+GatewayEvent: TypeAlias = (
+    ContextPlanned | Queued | Started | ThinkingDelta | ContentDelta | ToolCall | Finished
+)
 
 
 class _Attempt:
@@ -142,6 +157,9 @@ class _Attempt:
         self.model_used = ""
         self.retries = 0
         self.fallback_used = False
+        self.plan: ContextPlan | None = None
+        self.plan_backend = ""
+        self.replanned = False
 
 
 class Gateway:
@@ -164,20 +182,12 @@ class Gateway:
     def stream(self, request: ChatRequest) -> Generator[GatewayEvent, None, None]:
         """Serve one request; the last event is always `Finished` unless the caller closes the stream first."""
         entered = time.perf_counter()
-        request_id = self.store.start_request(
-            user=request.user,
-            client_ip=request.client_ip,
-            conversation_id=request.conversation_id,
-            agent=request.agent,
-            agent_version=request.agent_version,
-            agent_version_id=request.agent_version_id,
-            model_requested=request.model,
-            prompt=request.prompt,
-            context=to_json(request.messages),
-            attachments=to_json(request.attachments),
-            **request.audit,
-        )
         state = _Attempt()
+        backend = self.backends.current()
+        state.plan, state.plan_backend = self._plan(request, backend), backend.name
+        request_id = self._start(request, context=to_json(state.plan.messages), **state.plan.audit_fields())
+        if state.plan.truncated:
+            yield ContextPlanned(request_id, state.plan)
         outcome: dict[str, Any] = {
             "status": Status.CANCELLED,
             "message": "the caller stopped reading the answer",
@@ -217,7 +227,13 @@ class Gateway:
 
     def reject(self, request: ChatRequest, message: str) -> Finished:
         """Record input refused before any model call (`rejected_input`), so the refusal is audited too."""
-        request_id = self.store.start_request(
+        request_id = self._start(request)
+        outcome = {"status": Status.REJECTED_INPUT, "message": message}
+        return self._finish(request_id, request, _Attempt(), outcome, time.perf_counter(), None)
+
+    def _start(self, request: ChatRequest, **fields: Any) -> int:
+        """Write the `started` record; nothing reaches a model without it."""
+        return self.store.start_request(
             user=request.user,
             client_ip=request.client_ip,
             conversation_id=request.conversation_id,
@@ -227,9 +243,23 @@ class Gateway:
             model_requested=request.model,
             prompt=request.prompt,
             attachments=to_json(request.attachments),
+            **request.audit,
+            **fields,
         )
-        outcome = {"status": Status.REJECTED_INPUT, "message": message}
-        return self._finish(request_id, request, _Attempt(), outcome, time.perf_counter(), None)
+
+    def _plan(self, request: ChatRequest, backend: Backend) -> ContextPlan:
+        """Fit the messages into the budget, counted with the tokenizer of the model that will read them."""
+        counter = counter_for(request.model, backend.name, model_path=self.settings.embedded_model or None)
+        budget = request.context_budget
+        if backend.name == "embedded":
+            output = min(request.max_output_tokens, EMBEDDED_MAX_OUTPUT_TOKENS)
+            budget = min(budget, EMBEDDED_DEFAULT_N_CTX - output)
+        messages = request.messages
+        system = messages[0] if messages and messages[0].get("role") == "system" else None
+        rest = messages[1:] if system is not None else messages
+        if not rest:
+            return ContextPlan(list(messages), 0, 0)
+        return plan_context(counter, system, rest[:-1], rest[-1], budget, request.tools)
 
     def _generate(
         self, request_id: int, request: ChatRequest, state: _Attempt
@@ -248,6 +278,15 @@ class Gateway:
                 backend = self.backends.current()
                 state.backend, state.model_used = backend.name, model
                 state.fallback_used = index > 0
+                if backend.name != state.plan_backend:
+                    # Another tokenizer and window (Ollama went away and the embedded model serves): plan again.
+                    state.plan, state.plan_backend, state.replanned = (
+                        self._plan(request, backend),
+                        backend.name,
+                        True,
+                    )
+                    if state.plan.truncated:
+                        yield ContextPlanned(request_id, state.plan)
                 try:
                     # Inside the try: naming the embedded model loads it, and a model that cannot load is a
                     # backend failure like any other (retries, fallback, exit 5), not an internal error.
@@ -289,7 +328,7 @@ class Gateway:
     ) -> Generator[GatewayEvent, None, None]:
         call = ModelCall(
             model=model,
-            messages=request.messages,
+            messages=state.plan.messages if state.plan is not None else request.messages,
             tools=request.tools,
             think=request.think,
             num_ctx=request.context_budget + request.max_output_tokens,
@@ -329,6 +368,21 @@ class Gateway:
         if state.first_token_at is None:
             return message
         return f"{message}; the answer stopped part-way and what arrived is kept"
+
+    def _check_server_count(
+        self, request_id: int, request: ChatRequest, state: _Attempt, server_count: int | None
+    ) -> None:
+        """Warn when the server saw a longer prompt than we counted: it may have cut the front of it."""
+        if server_count is None or state.plan is None or state.backend != "ollama":
+            return
+        ours = state.plan.tokens_after
+        num_ctx = request.context_budget + request.max_output_tokens
+        if server_count > ours * 1.05 + 16 or server_count >= num_ctx - 16:
+            log.warning(
+                "request %d: the server counted %d prompt tokens where clawdbot counted %d (num_ctx %d); "
+                "it may have cut the front of the prompt",
+                request_id, server_count, ours, num_ctx,
+            )  # fmt: skip
 
     def _finish(
         self,
@@ -370,10 +424,15 @@ class Gateway:
             prompt_eval_count=done.prompt_eval_count if done is not None else None,
             completion_tokens=completion,
         )
+        replanned: dict[str, Any] = {}
+        if state.replanned and state.plan is not None:
+            replanned = {"context": to_json(state.plan.messages), **state.plan.audit_fields()}
+        self._check_server_count(request_id, request, state, finished.prompt_eval_count)
         try:
             self.store.finish_request(
                 request_id,
                 finished.status,
+                **replanned,
                 error=finished.message if finished.status is not Status.OK else "",
                 backend=finished.backend,
                 model_used=finished.model_used,

@@ -27,7 +27,7 @@ from clawdbot.backends import BackendSelector, ContentDelta, EmbeddedBackend, Th
 from clawdbot.chain import verify_chain
 from clawdbot.chat import TurnStarted
 from clawdbot.db import Database
-from clawdbot.gateway import ChatRequest, Finished, Gateway, GatewayEvent, Queued, Started
+from clawdbot.gateway import ChatRequest, ContextPlanned, Finished, Gateway, GatewayEvent, Queued, Started
 from clawdbot.models import Request, Status
 from clawdbot.ratelimit import RateLimiter
 from clawdbot.runtime import Runtime
@@ -102,6 +102,8 @@ class Caller(threading.Thread):
 
 def drain(gateway: Gateway, request: ChatRequest) -> tuple[list[GatewayEvent], Finished]:
     events = list(gateway.stream(request))
+    # A context plan is announced only when something had to be left out or cut.
+    events = [e for e in events if not isinstance(e, ContextPlanned) or e.plan.truncated]
     last = events[-1]
     assert isinstance(last, Finished)
     assert sum(isinstance(e, Finished) for e in events) == 1
