@@ -113,13 +113,16 @@ def cut_text(counter: TokenCounter, text: str, max_tokens: int) -> str:
 def _cut(counter: TokenCounter, message: dict[str, Any], max_tokens: int) -> dict[str, Any]:
     content = str(message.get("content", ""))
     overhead = counter.count_message({**message, "content": ""})
-    room = max(max_tokens - overhead, 1)
     total = counter.count_text(content)
-    marker = CUT_MARKER.format(n=total)
-    keep = max(room - counter.count_text(marker), 0)
-    kept = cut_text(counter, content, keep)
-    marker = CUT_MARKER.format(n=total - counter.count_text(kept))
-    return {**message, "content": kept + marker}
+    keep = max(max_tokens - overhead - counter.count_text(CUT_MARKER.format(n=total)), 0)
+    while True:
+        kept = cut_text(counter, content, keep)
+        cut = {**message, "content": kept + CUT_MARKER.format(n=total - counter.count_text(kept))}
+        # Tokens can merge across the join with the marker: shrink until the whole message fits.
+        excess = counter.count_message(cut) - max_tokens
+        if excess <= 0 or keep == 0:
+            return cut
+        keep = max(keep - excess, 0)
 
 
 def plan_context(
@@ -154,6 +157,16 @@ def plan_context(
             cut_roles.append("system")
         fixed = [m for m in (system, new) if m is not None]
         base = counter.count_messages(fixed, tools)
+        # Template tokens around the messages are not in the per-message counts: trim the rest off the larger.
+        for _ in range(4):
+            if base <= budget:
+                break
+            if system is not None and counter.count_message(system) > counter.count_message(new):
+                system = _cut(counter, system, counter.count_message(system) - (base - budget))
+            else:
+                new = _cut(counter, new, counter.count_message(new) - (base - budget))
+            fixed = [m for m in (system, new) if m is not None]
+            base = counter.count_messages(fixed, tools)
 
     turns = _turns(history)
     sizes = [sum(counter.count_message(m) for m in turn) for turn in turns]
