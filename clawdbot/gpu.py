@@ -1,7 +1,13 @@
 """GPU readings through NVIDIA's NVML (`pynvml` from nvidia-ml-py).
 
 On a machine without an NVIDIA driver every call still answers: `read_gpus()` returns no devices and one
-sentence saying why, and the VRAM guard never holds requests back.
+sentence saying why (that no driver is installed, or that it is not loaded), and the VRAM guard never holds
+requests back.
+
+A failed `nvmlInit()` is remembered and tried again only after `INIT_RETRY_S`: each attempt searches for and
+fails to load the driver's library (0.1-0.5 ms here), and the VRAM guard reads the GPU on the path to the
+first token (at most every 0.5 s), so retrying every time slowed one request each half second. Trying again
+now and then still picks up a driver loaded after clawdbot started (e.g. a service started before the driver).
 """
 
 from __future__ import annotations
@@ -44,8 +50,13 @@ class GpuStatus:
         return max((g.memory_fraction for g in self.gpus), default=None)
 
 
+INIT_RETRY_S = 60.0
+"""Least time between two attempts to start NVML after one failed."""
+
 _init_lock = threading.Lock()
 _initialized = False
+# time.monotonic() of the last failed attempt, and what it said
+_init_failure: tuple[float, GpuStatus] | None = None
 
 
 def _optional(read: Any, *args: Any) -> Any:
@@ -55,27 +66,49 @@ def _optional(read: Any, *args: Any) -> Any:
         return None
 
 
-def _ensure_init() -> None:
-    global _initialized
+def _no_driver(exc: BaseException) -> GpuStatus:
+    """Why NVML cannot start, in one sentence for the operations page and the health check."""
+    if isinstance(exc, pynvml.NVMLError_LibraryNotFound | OSError):
+        what = "No NVIDIA driver is installed on this machine"
+    elif isinstance(exc, pynvml.NVMLError_DriverNotLoaded):
+        what = "The NVIDIA driver is installed but not loaded on this machine"
+    else:
+        what = "The NVIDIA driver cannot be used on this machine"
+    return GpuStatus(False, f"{what} (NVML: {exc}); GPU figures are not shown and the VRAM guard is off.")
+
+
+def _ensure_init() -> GpuStatus | None:
+    """Start NVML once per process; returns None when it runs, else why not (remembered for INIT_RETRY_S)."""
+    global _initialized, _init_failure
     with _init_lock:
-        if not _initialized:
+        if _initialized:
+            return None
+        if _init_failure is not None and time.monotonic() - _init_failure[0] < INIT_RETRY_S:
+            return _init_failure[1]
+        try:
             pynvml.nvmlInit()
-            _initialized = True
+        except (pynvml.NVMLError, OSError) as exc:  # OSError: the library itself is broken
+            _init_failure = (time.monotonic(), _no_driver(exc))
+            return _init_failure[1]
+        _initialized, _init_failure = True, None
+        return None
 
 
 def read_gpus() -> GpuStatus:
     """Read every NVIDIA GPU; never raises."""
+    failure = _ensure_init()
+    if failure is not None:
+        return failure
     try:
-        _ensure_init()
-        count = pynvml.nvmlDeviceGetCount()
+        return _read_devices()
     except pynvml.NVMLError as exc:
         return GpuStatus(
-            False, f"No NVIDIA GPU can be read on this machine (NVML: {exc}); GPU figures are not shown."
+            False, f"The NVIDIA GPUs cannot be read now (NVML: {exc}); GPU figures are not shown."
         )
-    except OSError as exc:  # the NVML library itself is missing or broken
-        return GpuStatus(
-            False, f"No NVIDIA driver is installed on this machine ({exc}); GPU figures are not shown."
-        )
+
+
+def _read_devices() -> GpuStatus:
+    count = pynvml.nvmlDeviceGetCount()
     gpus = []
     for index in range(count):
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)

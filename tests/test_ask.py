@@ -12,31 +12,20 @@ import re
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from sqlalchemy import select
 
 from clawdbot.agents import AgentConfig, Agents
 from clawdbot.conversations import Conversations
 from clawdbot.db import Database
-from clawdbot.models import Message, Request
+from clawdbot.models import Message
 from clawdbot.ratelimit import RateLimiter
 from clawdbot.users import Users
 from tests.cli_helpers import CLAWDBOT, clean_env, run_cli
+from tests.helpers import MODEL, all_requests, require_redis
 from tests.ollama_sim import OllamaSimulator
-
-MODEL = "qwen3:32b"
-REDIS_URL = os.environ.get("CLAWDBOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-@pytest.fixture
-def sim() -> Iterator[OllamaSimulator]:
-    with OllamaSimulator() as simulator:
-        yield simulator
 
 
 @pytest.fixture
@@ -74,11 +63,6 @@ def one_error(result: subprocess.CompletedProcess[str], code: int, *texts: str) 
     return lines[0]
 
 
-def requests(db: Database) -> list[Request]:
-    with db.read() as session:
-        return list(session.scalars(select(Request).order_by(Request.id)))
-
-
 def test_the_answer_streams_to_stdout_as_it_is_generated(
     setup: Database, sim: OllamaSimulator, tmp_path: Path
 ) -> None:
@@ -110,7 +94,7 @@ def test_the_answer_streams_to_stdout_as_it_is_generated(
     assert process.returncode == 0, stderr
     assert (first + rest).decode() == "one two three four five six\n"
     assert stderr.decode().strip() == "conversation 1: continue it with --conversation 1"
-    [record] = requests(setup)
+    [record] = all_requests(setup)
     assert (record.status, record.user, record.agent, record.response) == (
         "ok",
         "bob",
@@ -177,7 +161,7 @@ def test_unknown_or_foreign_conversation_is_exit_2(
 def test_unknown_agent_is_exit_2(setup: Database, sim: OllamaSimulator, tmp_path: Path) -> None:
     result = ask(setup, sim, tmp_path, "hello", "--user", "bob", "--agent", "nobody")
     one_error(result, 2, "there is no agent named 'nobody'", "clawdbot agent list")
-    assert sim.requests == [] and requests(setup) == []
+    assert sim.requests == [] and all_requests(setup) == []
 
 
 def test_an_empty_prompt_is_rejected_with_exit_2_and_recorded(
@@ -187,7 +171,7 @@ def test_an_empty_prompt_is_rejected_with_exit_2_and_recorded(
     one_error(result, 2, "the message is empty: type a question or instruction")
     assert result.stdout == ""
     assert sim.requests == []
-    assert [(r.status, r.user) for r in requests(setup)] == [("rejected_input", "bob")]
+    assert [(r.status, r.user) for r in all_requests(setup)] == [("rejected_input", "bob")]
 
 
 def test_ollama_busy_is_exit_3(setup: Database, sim: OllamaSimulator, tmp_path: Path) -> None:
@@ -195,26 +179,11 @@ def test_ollama_busy_is_exit_3(setup: Database, sim: OllamaSimulator, tmp_path: 
     result = ask(setup, sim, tmp_path, "hello", "--user", "bob", "--agent", "helper", CLAWDBOT_RETRIES="1")
     one_error(result, 3, f"Ollama at {sim.url} is busy", "try again shortly", "after 1 retries")
     assert len(sim.requests) == 2
-    assert [r.status for r in requests(setup)] == ["busy"]
+    assert [r.status for r in all_requests(setup)] == ["busy"]
 
 
-@pytest.fixture
-def redis_url() -> str:
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=1, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        if IN_CI:
-            pytest.fail(f"CI=true needs Redis at {REDIS_URL}: {exc}")
-        pytest.skip(f"Redis at {REDIS_URL} does not answer: {exc}")
-    finally:
-        client.close()
-    return REDIS_URL
-
-
-def test_rate_limited_is_exit_4(
-    setup: Database, sim: OllamaSimulator, tmp_path: Path, redis_url: str
-) -> None:
+def test_rate_limited_is_exit_4(setup: Database, sim: OllamaSimulator, tmp_path: Path) -> None:
+    redis_url = require_redis()
     # Each `clawdbot ask` is its own process: the limit holds across them through Redis. A user name of
     # its own keeps this test's counters apart from any other run.
     user = f"rl{uuid.uuid4().hex[:12]}"
@@ -229,7 +198,7 @@ def test_rate_limited_is_exit_4(
         limiter.close()
     one_error(result, 4, "you have sent 1 request in the last minute, the most allowed; try again in")
     assert len(sim.requests) == 1
-    assert [r.status for r in requests(setup)] == ["ok", "rate_limited"]
+    assert [r.status for r in all_requests(setup)] == ["ok", "rate_limited"]
 
 
 @pytest.mark.parametrize("fault", ["server down", "model not found"])
@@ -254,7 +223,7 @@ def test_model_unavailable_after_retries_and_fallback_is_exit_5(
     result = ask(setup, sim, tmp_path, "hello", "--user", "bob", "--agent", agent, **env)
     one_error(result, 5, *texts)
     assert result.stdout == ""
-    [record] = requests(setup)
+    [record] = all_requests(setup)
     assert record.status == "error" and record.error
     if fault == "server down":
         assert record.retries == 1 and time.monotonic() - began >= 0.45
@@ -271,4 +240,4 @@ def test_silence_longer_than_the_read_timeout_is_exit_6(
         setup, sim, tmp_path, "hello", "--user", "bob", "--agent", "helper", CLAWDBOT_READ_TIMEOUT="0.5"
     )
     one_error(result, 6, "the model sent nothing for 0.5 s (CLAWDBOT_READ_TIMEOUT)", "overloaded or stuck")
-    assert [r.status for r in requests(setup)] == ["timeout"]
+    assert [r.status for r in all_requests(setup)] == ["timeout"]

@@ -39,30 +39,11 @@ from clawdbot.backends import (
     _plain_messages,
 )
 from clawdbot.settings import load_settings
+from tests.helpers import HELLO, MODEL, WEATHER_TOOL, run_threads
 from tests.ollama_sim import BUSY_MESSAGE, DEFAULT_THINKING, RUNNER_CRASH_MESSAGE, VERSION, OllamaSimulator
 
-MODEL = "qwen3:32b"
-HELLO = [{"role": "user", "content": "hello there"}]
-WEATHER_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather of a city",
-        "parameters": {
-            "type": "object",
-            "required": ["city"],
-            "properties": {"city": {"type": "string", "description": "City name"}},
-        },
-    },
-}
 FRANCE = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 SMOLLM2_NAME = "SmolLM2-135M-Instruct.Q4_1"
-
-
-@pytest.fixture
-def sim() -> Iterator[OllamaSimulator]:
-    with OllamaSimulator() as simulator:
-        yield simulator
 
 
 @pytest.fixture
@@ -126,7 +107,7 @@ def test_streams_content_and_ends_with_one_done_with_the_metrics(
     for duration in (done.total_duration_ns, done.eval_duration_ns, done.prompt_eval_duration_ns):
         assert duration is not None and duration > 0
     assert last_body(sim)["stream"] is True
-    assert sim.active == 0
+    assert sim.wait_idle(2)  # the server finishes its side just after the client has read the last chunk
 
 
 def test_thinking_comes_before_content_when_think_is_on(sim: OllamaSimulator, backend: OllamaBackend) -> None:
@@ -438,17 +419,13 @@ def test_ten_concurrent_streams_through_one_backend(sim: OllamaSimulator, backen
         except BaseException as exc:
             failures.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=15)
+    run_threads(worker, n, timeout=15)
     assert failures == []
     assert sim.max_active == n
     for i in range(n):
         assert answers[i].startswith(f"Echo: client {i} ")  # no stream got another's chunks
         assert dones[i].eval_count == sim.default_tokens
-    assert sim.active == 0
+    assert sim.wait_idle(2)
 
 
 # -- Ollama: models, loaded, version -----------------------------------------------------------------

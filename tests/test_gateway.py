@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from clawdbot.admission import Admission
@@ -32,9 +31,9 @@ from clawdbot.models import Request, Status
 from clawdbot.ratelimit import RateLimiter
 from clawdbot.runtime import Runtime
 from clawdbot.settings import Settings, load_settings
+from tests.helpers import MODEL, all_requests
 from tests.ollama_sim import BUSY_MESSAGE, DEFAULT_THINKING, RUNNER_CRASH_MESSAGE, OllamaSimulator
 
-MODEL = "qwen3:32b"
 SMALL = "qwen3:0.6b"
 OTHER = "llama3.2:1b"
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1"
@@ -100,6 +99,17 @@ class Caller(threading.Thread):
         return [e.position for e in self.of(Queued)]
 
 
+def run_together(gateway: Gateway, requests: list[ChatRequest], timeout: float) -> list[Caller]:
+    """A caller per request, all released at once through a barrier; returns them once they have finished."""
+    barrier = threading.Barrier(len(requests))
+    callers = [Caller(gateway, request, barrier) for request in requests]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(timeout)
+    return callers
+
+
 def drain(gateway: Gateway, request: ChatRequest) -> tuple[list[GatewayEvent], Finished]:
     events = list(gateway.stream(request))
     # A context plan is announced only when something had to be left out or cut.
@@ -119,11 +129,6 @@ def row(db: Database, request_id: int) -> Request:
         found = session.get(Request, request_id)
         assert found is not None
         return found
-
-
-def all_rows(db: Database) -> list[Request]:
-    with db.read() as session:
-        return list(session.scalars(select(Request).order_by(Request.id)))
 
 
 def until(condition: Callable[[], bool], timeout: float = PROMPTLY) -> bool:
@@ -155,12 +160,6 @@ def last_user_text(body: dict[str, Any]) -> str:
 
 
 # -- fixtures ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def sim() -> Iterator[OllamaSimulator]:
-    with OllamaSimulator() as simulator:
-        yield simulator
 
 
 @pytest.fixture
@@ -476,12 +475,7 @@ def test_twenty_callers_share_four_slots_and_a_queue_of_three(
 ) -> None:
     gateway = make_runtime(max_concurrent=4, queue_size=3, queue_timeout=10).gateway
     sim.ttft, sim.default_tokens = 1.0, 5
-    barrier = threading.Barrier(20)
-    callers = [Caller(gateway, ask(f"caller {i}", user=f"user{i}"), barrier) for i in range(20)]
-    for caller in callers:
-        caller.start()
-    for caller in callers:
-        caller.join(30)
+    callers = run_together(gateway, [ask(f"caller {i}", user=f"user{i}") for i in range(20)], timeout=30)
     outcomes = Counter(c.finished.status for c in callers)
     assert outcomes == {Status.OK: 7, Status.BUSY: 13}
     assert sim.max_active == 4
@@ -503,7 +497,7 @@ def test_twenty_callers_share_four_slots_and_a_queue_of_three(
         assert caller.positions == sorted(caller.positions, reverse=True)
         assert caller.finished.queue_ms is not None and caller.finished.queue_ms >= 500
 
-    records = all_rows(db)
+    records = all_requests(db)
     assert len(records) == 20
     assert Counter(r.status for r in records) == {"ok": 7, "busy": 13}
     assert all(r.error for r in records if r.status == "busy")
@@ -537,7 +531,7 @@ def test_the_queue_is_fifo_and_each_caller_sees_its_place(
     assert waiters[2].positions == sorted(waiters[2].positions, reverse=True)
     queue_ms = [w.finished.queue_ms or 0.0 for w in waiters]
     assert queue_ms == sorted(queue_ms)
-    assert Counter(r.status for r in all_rows(db)) == {"cancelled": 1, "busy": 1, "ok": 3}
+    assert Counter(r.status for r in all_requests(db)) == {"cancelled": 1, "busy": 1, "ok": 3}
     assert_idle(gateway)
     chain_ok(db, 5)
 
@@ -639,12 +633,7 @@ def test_concurrent_requests_cannot_slip_past_the_rate_limit(
 ) -> None:
     gateway = make_runtime(rate_limit="3/minute", max_concurrent=10, queue_size=0).gateway
     sim.ttft = 0.2
-    barrier = threading.Barrier(10)
-    callers = [Caller(gateway, ask(f"race {i}"), barrier) for i in range(10)]
-    for caller in callers:
-        caller.start()
-    for caller in callers:
-        caller.join(20)
+    callers = run_together(gateway, [ask(f"race {i}") for i in range(10)], timeout=20)
     assert Counter(c.finished.status for c in callers) == {Status.OK: 3, Status.RATE_LIMITED: 7}
     assert len(sim.requests) == 3
     assert all(
@@ -652,7 +641,7 @@ def test_concurrent_requests_cannot_slip_past_the_rate_limit(
         for c in callers
         if c.finished.status is Status.RATE_LIMITED
     )
-    assert Counter(r.status for r in all_rows(db)) == {"ok": 3, "rate_limited": 7}
+    assert Counter(r.status for r in all_requests(db)) == {"ok": 3, "rate_limited": 7}
     chain_ok(db, 10)
 
 
@@ -666,7 +655,7 @@ def test_the_request_is_recorded_started_before_the_model_is_called(
     caller = Caller(gateway, ask("is this recorded?"))
     caller.start()
     assert until(lambda: sim.active == 1)  # the simulator holds the first token back for a second
-    during = all_rows(db)
+    during = all_requests(db)
     assert len(during) == 1
     record = during[0]
     assert (record.status, record.seq, record.prompt, record.user) == (

@@ -32,6 +32,7 @@ import httpx
 import ollama
 import pytest
 
+from tests.helpers import HELLO, MODEL, WEATHER_TOOL
 from tests.ollama_sim import (
     BUSY_MESSAGE,
     DEFAULT_THINKING,
@@ -41,27 +42,7 @@ from tests.ollama_sim import (
     split_tokens,
 )
 
-MODEL = "qwen3:32b"
-HELLO = [{"role": "user", "content": "hello there"}]
-WEATHER_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather of a city",
-        "parameters": {
-            "type": "object",
-            "required": ["city"],
-            "properties": {"city": {"type": "string", "description": "City name"}},
-        },
-    },
-}
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
-
-
-@pytest.fixture
-def sim() -> Iterator[OllamaSimulator]:
-    with OllamaSimulator() as simulator:
-        yield simulator
 
 
 @pytest.fixture

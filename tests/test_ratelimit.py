@@ -1,4 +1,5 @@
-"""Per-user rate limits against real storage: `limits`' memory storage and a real Redis.
+"""Per-user rate limits against real storage: this process's memory (the limiter's own moving windows) and a
+real Redis (`limits`' moving-window storage).
 
 Redis is expected at CLAWDBOT_TEST_REDIS_URL (default redis://127.0.0.1:6379/0). Outside CI its absence skips
 the Redis legs with the reason; with CI=true it fails them, so a missing service cannot pass unnoticed.
@@ -7,17 +8,17 @@ Each test uses a namespace of its own and deletes its keys afterwards.
 
 from __future__ import annotations
 
-import functools
 import multiprocessing
-import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
@@ -27,34 +28,9 @@ import redis
 
 from clawdbot.errors import ClawdbotError, RateLimitedError, SettingsError
 from clawdbot.ratelimit import RateLimiter, RateLimiterUnavailableError
-
-REDIS_URL = os.environ.get("CLAWDBOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+from tests.helpers import REDIS_URL, require_redis, run_threads
 
 MakeLimiter = Callable[[str], RateLimiter]
-
-
-@functools.cache
-def _redis_problem() -> str:
-    """Why Redis at REDIS_URL cannot be used, or "" when it answers."""
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=1, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        return f"Redis at {REDIS_URL} does not answer: {exc}"
-    finally:
-        client.close()
-    return ""
-
-
-def require_redis() -> str:
-    """The Redis URL to test against; skips the test without Redis, or fails it when CI=true."""
-    problem = _redis_problem()
-    if problem and IN_CI:
-        pytest.fail(f"CI=true needs Redis for the rate-limit tests: {problem}")
-    if problem:
-        pytest.skip(problem)
-    return REDIS_URL
 
 
 def _delete_namespace(namespace: str) -> None:
@@ -186,7 +162,7 @@ def _race(limiter: RateLimiter, user: str, threads: int) -> tuple[int, int]:
     outcomes: list[str] = []
     guard = threading.Lock()
 
-    def one() -> None:
+    def one(_: int) -> None:
         start.wait(timeout=10)
         try:
             limiter.check(user)
@@ -196,11 +172,7 @@ def _race(limiter: RateLimiter, user: str, threads: int) -> tuple[int, int]:
         with guard:
             outcomes.append(outcome)
 
-    workers = [threading.Thread(target=one) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=30)
+    run_threads(one, threads)
     return outcomes.count("passed"), outcomes.count("refused")
 
 
@@ -213,6 +185,125 @@ def test_concurrent_checks_let_exactly_the_limit_through(make_limiter: MakeLimit
     limiter = make_limiter(RACE_SPEC)
     assert _race(limiter, "alice", 20) == (5, 15)
     assert limiter.remaining("alice") == {"50/hour": 45, "5/minute": 0}
+
+
+# -- the in-memory windows -------------------------------------------------------------------------------
+
+T0 = 1000.0
+
+
+class Clock:
+    """A clock the test moves by hand, so that window arithmetic is checked to the exact second."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_memory_windows_slide_hit_by_hit() -> None:
+    clock = Clock()
+    limiter = RateLimiter("3/10seconds;5/minute", clock=clock)
+    for second in (0, 1, 2):
+        clock.now = T0 + second
+        limiter.check("alice")
+
+    clock.now = T0 + 5
+    with pytest.raises(RateLimitedError, match=r"3 requests in the last 10 seconds, .*; try again in 5 s$"):
+        limiter.check("alice")
+    clock.now = T0 + 9.999
+    assert limiter.retry_after("alice") == 1  # a thousandth of a second, rounded up
+    with pytest.raises(RateLimitedError):
+        limiter.check("alice")
+    assert limiter.remaining("alice") == {"3/10seconds": 0, "5/minute": 2}  # the refusals cost nothing
+
+    clock.now = T0 + 10  # the first hit leaves the 10-second window: exactly one request may pass
+    assert limiter.retry_after("alice") == 0
+    assert limiter.remaining("alice") == {"3/10seconds": 1, "5/minute": 2}
+    limiter.check("alice")
+    with pytest.raises(RateLimitedError):
+        limiter.check("alice")
+
+    clock.now = T0 + 11  # the hit at 1 left: the fifth of the minute passes
+    limiter.check("alice")
+    clock.now = T0 + 12  # the 10-second window has room again, the minute none until T0 + 60
+    with pytest.raises(
+        RateLimitedError, match=r"5 requests in the last minute, .*; try again in 48 s$"
+    ) as caught:
+        limiter.check("alice")
+    assert caught.value.retry_after == 48
+    assert limiter.remaining("alice") == {"3/10seconds": 1, "5/minute": 0}
+
+    clock.now = T0 + 60
+    assert limiter.remaining("alice") == {"3/10seconds": 3, "5/minute": 1}
+    limiter.check("alice")
+
+
+def test_memory_keeps_only_the_users_seen_within_the_longest_window() -> None:
+    clock = Clock()
+    limiter = RateLimiter("1/10seconds;3/minute", clock=clock)
+    for i in range(1000):
+        limiter.check(f"user{i}")
+    clock.now = T0 + 30
+    limiter.check("late")
+    limiter.check("user0")  # seen again: kept for another minute
+    assert limiter.tracked_users() == 1001
+
+    clock.now = T0 + 59.999
+    assert limiter.tracked_users() == 1001
+    clock.now = T0 + 60  # the first 999 users' windows have all expired
+    assert limiter.tracked_users() == 2
+    assert limiter.remaining("user1") == {"1/10seconds": 1, "3/minute": 3}
+    assert limiter.remaining("user0") == {"1/10seconds": 1, "3/minute": 2}
+
+    clock.now = T0 + 90
+    limiter.check("user1")  # the check itself drops the expired ones
+    assert limiter.tracked_users() == 1
+
+
+def test_memory_checks_start_no_thread() -> None:
+    # limits' MemoryStorage started a timer thread per check once the last one had run out (10 ms), about
+    # half a millisecond on the path to every request's first token.
+    limiter = RateLimiter("100/minute;10/second")
+    time.sleep(0.02)
+    threads = set(threading.enumerate())
+    for _ in range(3):
+        limiter.check("alice")
+        assert set(threading.enumerate()) <= threads
+        time.sleep(0.02)
+
+
+def test_memory_race_of_many_threads_over_several_users_counts_exactly() -> None:
+    limiter = RateLimiter("40/hour;25/minute")
+    users = ["alice", "bob", "carol"]
+    passed: Counter[str] = Counter()
+    refused: Counter[str] = Counter()
+    guard = threading.Lock()
+    start = threading.Barrier(8)
+
+    def work(worker: int) -> None:
+        start.wait(timeout=10)
+        for n in range(60):
+            user = users[(worker + n) % len(users)]
+            try:
+                limiter.check(user)
+                outcome = passed
+            except RateLimitedError:
+                outcome = refused
+            with guard:
+                outcome[user] += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, to give a race every chance
+    try:
+        run_threads(work, 8)
+    finally:
+        sys.setswitchinterval(interval)
+    assert passed == dict.fromkeys(users, 25)
+    assert refused == dict.fromkeys(users, 160 - 25)
+    for user in users:
+        assert limiter.remaining(user) == {"40/hour": 15, "25/minute": 0}
 
 
 def _race_in_process(
@@ -274,6 +365,7 @@ def test_keys_stay_in_the_namespace(redis_url: str, namespace: str) -> None:
     assert len(keys) == 2
     assert all(key.startswith(f"{namespace}:ratelimit:") for key in keys)
     assert all("a%3Ab%2Fc" in key for key in keys)
+    assert limiter.tracked_users() is None  # nothing is kept in this process's memory
     limiter.reset()
     assert limiter.remaining("a:b/c") == {"2/minute": 2, "10/hour": 10}
     limiter.close()
