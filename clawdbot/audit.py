@@ -85,6 +85,7 @@ class RequestFields(TypedDict, total=False):
     ttft_ms: float | None
     latency_ms: float | None
     tokens_per_s: float | None
+    server_truncated: bool
 
 
 _SETTABLE = frozenset(RequestFields.__annotations__)

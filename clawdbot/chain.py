@@ -21,6 +21,14 @@ covered (`None`, `""`, `0` and `False` all differ):
 where <n> is the number of bytes after the colon, in decimal ASCII. Every item says where it ends, so no two
 different records give the same input. `record_hash` encodes the values as SQLAlchemy reads them back.
 
+Columns added after chains were first written (`OPTIONAL_HASHED_FIELDS`: so far the requests' `server_truncated`,
+migration 0002) come last and are hashed only when they differ from their default, the value every record written
+before them holds: then as two items, the column's name (S) and its value. A record that leaves them at the
+default hashes byte for byte as it did before the column existed, so an existing chain still verifies after the
+upgrade without a format version or a rewrite; a record that sets one is covered like any other column (setting it
+afterwards, or clearing it, changes the hash). The name item keeps the input unambiguous when several such columns
+exist and only some are set.
+
 The audit store and `verify_chain` hash the values as the database driver returns them (`stored_values_hash`),
 which saves decoding text only to encode it again: text may come as its UTF-8 bytes, and on SQLite a datetime
 column holds the text SQLAlchemy wrote (the UTC form above, so D<n>:<that text>) and a boolean column 0 or 1
@@ -46,13 +54,13 @@ from clawdbot.models import GENESIS_HASH, ChainHead, Event, Request, Status, UTC
 
 Kind = Literal["request", "event"]
 
-# The contract's export columns, in its order.
+# The contract's export columns, in its order; columns added since come at the end.
 REQUEST_EXPORT_FIELDS: tuple[str, ...] = (
     "id", "started_at", "finished_at", "status", "error", "user", "client_ip", "conversation_id", "agent",
     "agent_version", "backend", "model_requested", "model_used", "fallback_used", "retries", "prompt", "context",
     "response", "thinking", "tool_calls", "attachments", "prompt_tokens", "prompt_eval_count",
     "completion_tokens", "context_tokens_before", "context_tokens_after", "truncated", "dropped_messages",
-    "queue_ms", "ttft_ms", "latency_ms", "tokens_per_s", "prev_hash", "hash",
+    "queue_ms", "ttft_ms", "latency_ms", "tokens_per_s", "prev_hash", "hash", "server_truncated",
 )  # fmt: skip
 EVENT_EXPORT_FIELDS: tuple[str, ...] = (
     "id",
@@ -65,10 +73,22 @@ EVENT_EXPORT_FIELDS: tuple[str, ...] = (
     "hash",
 )
 
-# What the hash covers: every exported column but the links themselves, and the agent version row used.
+# Columns hashed only when they differ from their default (see the module docstring), with that default: the
+# value of every record written before the column existed. New ones go at the end.
+OPTIONAL_HASHED_FIELDS: dict[Kind, tuple[tuple[str, Any], ...]] = {
+    "request": (("server_truncated", False),),
+    "event": (),
+}
+# What the hash covers: every exported column but the links themselves, and the agent version row used; the
+# optional columns last.
 REQUEST_HASHED_FIELDS: tuple[str, ...] = (
-    *(f for f in REQUEST_EXPORT_FIELDS if f not in ("prev_hash", "hash")),
+    *(
+        f
+        for f in REQUEST_EXPORT_FIELDS
+        if f not in ("prev_hash", "hash") and f not in dict(OPTIONAL_HASHED_FIELDS["request"])
+    ),
     "agent_version_id",
+    *(name for name, _default in OPTIONAL_HASHED_FIELDS["request"]),
 )
 EVENT_HASHED_FIELDS: tuple[str, ...] = tuple(f for f in EVENT_EXPORT_FIELDS if f not in ("prev_hash", "hash"))
 HASHED_FIELDS: dict[Kind, tuple[str, ...]] = {"request": REQUEST_HASHED_FIELDS, "event": EVENT_HASHED_FIELDS}
@@ -127,11 +147,53 @@ def _header(kind: Kind, seq: int, prev_hash: str) -> list[bytes]:
     return [_KIND_ITEMS[kind], b"I%d:" % len(seq_text), seq_text, b"S%d:" % len(prev), prev]
 
 
+@dataclass(frozen=True)
+class _Optional:
+    """How one optional column enters the hash (see the module docstring)."""
+
+    name: str
+    default: Any
+    name_item: bytes
+    """The encoding of the column's name, put before its value."""
+    default_item: list[bytes]
+    """The encoding of its default: a value encoded the same is left out."""
+
+
+def _optionals(kind: Kind) -> tuple[_Optional, ...]:
+    optionals = []
+    for name, default in OPTIONAL_HASHED_FIELDS[kind]:
+        name_item: list[bytes] = []
+        _put(name_item, name)
+        default_item: list[bytes] = []
+        _put(default_item, default)
+        optionals.append(_Optional(name, default, b"".join(name_item), default_item))
+    return tuple(optionals)
+
+
+_OPTIONALS = {"request": _optionals("request"), "event": _optionals("event")}
+
+
+def _put_optional(parts: list[bytes], optional: _Optional, item: list[bytes]) -> None:
+    """Append an optional column's value `item` (already encoded) with its name, unless it is the default."""
+    if item != optional.default_item:
+        parts.append(optional.name_item)
+        parts += item
+
+
 def record_hash(kind: Kind, seq: int, prev_hash: str, record: Mapping[Any, Any]) -> str:
-    """The hash of one record at position `seq` after `prev_hash` (its values as SQLAlchemy reads them)."""
+    """The hash of one record at position `seq` after `prev_hash` (its values as SQLAlchemy reads them).
+
+    An optional column missing from `record` counts as holding its default, as in a row written before it existed.
+    """
     parts = _header(kind, seq, prev_hash)
-    for name in HASHED_FIELDS[kind]:
+    optionals = _OPTIONALS[kind]
+    fields = HASHED_FIELDS[kind]
+    for name in fields[: len(fields) - len(optionals)]:
         _put(parts, record[name])
+    for optional in optionals:
+        item: list[bytes] = []
+        _put(item, record.get(optional.name, optional.default))
+        _put_optional(parts, optional, item)
     return _SHA256(b"".join(parts)).hexdigest()
 
 
@@ -139,14 +201,30 @@ class _Blob(bytes):
     """A BLOB found in a column SQLite returned as bytes: hashed as bytes (X), not as text."""
 
 
-def _stored_layout(kind: Kind) -> tuple[tuple[bytes, ...], tuple[bool, ...]]:
-    """Per hashed column: the prefix format of its text (D for datetime columns, S otherwise), and whether it is a
-    boolean column."""
+@dataclass(frozen=True)
+class _Layout:
+    """Per hashed column, in order: the prefix format of its text (D for datetime columns, S otherwise) and
+    whether it is a boolean column; the optional columns apart, last."""
+
+    text_formats: tuple[bytes, ...]
+    booleans: tuple[bool, ...]
+    optionals: tuple[tuple[_Optional, bytes, bool], ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.text_formats) + len(self.optionals)
+
+
+def _stored_layout(kind: Kind) -> _Layout:
     table = (Request if kind == "request" else Event).__table__
     types = [table.c[name].type for name in HASHED_FIELDS[kind]]
-    return (
-        tuple(b"D%d:" if isinstance(t, UTCDateTime) else b"S%d:" for t in types),
-        tuple(isinstance(t, Boolean) for t in types),
+    text_formats = tuple(b"D%d:" if isinstance(t, UTCDateTime) else b"S%d:" for t in types)
+    booleans = tuple(isinstance(t, Boolean) for t in types)
+    required = len(types) - len(_OPTIONALS[kind])
+    return _Layout(
+        text_formats[:required],
+        booleans[:required],
+        tuple(zip(_OPTIONALS[kind], text_formats[required:], booleans[required:], strict=True)),
     )
 
 
@@ -158,8 +236,27 @@ def stored_values_hash(kind: Kind, seq: int, prev_hash: str, values: Sequence[An
     returns them: text as str or as its UTF-8 bytes, a datetime as a datetime or as the text SQLAlchemy stores on
     SQLite, a boolean as a bool or as SQLite's 0/1. This is how the audit store and `verify_chain` hash rows."""
     parts = _header(kind, seq, prev_hash)
+    layout = _STORED_LAYOUTS[kind]
+    if not layout.optionals:
+        _put_stored(parts, values, layout.text_formats, layout.booleans)
+        return _SHA256(b"".join(parts)).hexdigest()
+    if len(values) != layout.size:
+        raise ValueError(f"{len(values)} values given for the {layout.size} hashed columns of a {kind}")
+    required = len(layout.text_formats)
+    _put_stored(parts, values[:required], layout.text_formats, layout.booleans)
+    for value, (optional, text_format, boolean) in zip(values[required:], layout.optionals, strict=True):
+        item: list[bytes] = []
+        # Encoded as any column, so SQLite's 0 in a boolean column is F, the default, and left out.
+        _put_stored(item, (value,), (text_format,), (boolean,))
+        _put_optional(parts, optional, item)
+    return _SHA256(b"".join(parts)).hexdigest()
+
+
+def _put_stored(
+    parts: list[bytes], values: Sequence[Any], text_formats: Sequence[bytes], booleans: Sequence[bool]
+) -> None:
+    """Append the encodings of driver-returned values (see `stored_values_hash`); the hot loop of verification."""
     put = parts.append
-    text_formats, booleans = _STORED_LAYOUTS[kind]
     for value, text_format, boolean in zip(values, text_formats, booleans, strict=True):
         cls = type(value)
         if cls is bytes:
@@ -184,7 +281,6 @@ def stored_values_hash(kind: Kind, seq: int, prev_hash: str, values: Sequence[An
             put(payload)
         else:
             _put(parts, bytes(value) if cls is _Blob else value)
-    return _SHA256(b"".join(parts)).hexdigest()
 
 
 def wrap_driver_error(dialect: Dialect, exc: Exception, statement: str | None) -> Exception:

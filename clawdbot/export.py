@@ -245,7 +245,7 @@ def export_records(
     if kind not in KINDS:
         raise UsageError(f"unknown record kind {kind!r}: use one of {', '.join(KINDS)}")
     audit_filter = audit_filter or AuditFilter()
-    query = audit_filter.requests() if kind == "requests" else audit_filter.events()
+    query = audit_filter.requests(db.engine.dialect.name) if kind == "requests" else audit_filter.events()
     header = REQUEST_EXPORT_FIELDS if kind == "requests" else EVENT_EXPORT_FIELDS
 
     with db.engine.connect() as conn, _atomic_path(path) as tmp:

@@ -128,6 +128,8 @@ class Finished:
     tokens_per_s: float | None = None
     prompt_eval_count: int | None = None
     completion_tokens: int | None = None
+    server_truncated: bool = False
+    """The server counted more prompt tokens than we sent: it may have cut the front of the prompt."""
 
     @property
     def exit_code(self) -> int:
@@ -371,10 +373,11 @@ class Gateway:
 
     def _check_server_count(
         self, request_id: int, request: ChatRequest, state: _Attempt, server_count: int | None
-    ) -> None:
-        """Warn when the server saw a longer prompt than we counted: it may have cut the front of it."""
+    ) -> bool:
+        """Whether the server saw a longer prompt than we counted, so it may have cut the front of it (warned
+        in the log, and flagged in the record as `server_truncated`)."""
         if server_count is None or state.plan is None or state.backend != "ollama":
-            return
+            return False
         ours = state.plan.tokens_after
         num_ctx = request.context_budget + request.max_output_tokens
         if server_count > ours * 1.05 + 16 or server_count >= num_ctx - 16:
@@ -383,6 +386,8 @@ class Gateway:
                 "it may have cut the front of the prompt",
                 request_id, server_count, ours, num_ctx,
             )  # fmt: skip
+            return True
+        return False
 
     def _finish(
         self,
@@ -404,6 +409,7 @@ class Gateway:
             tokens_per_s = done.eval_count / (done.eval_duration_ns / 1e9)
         elif state.first_token_at is not None and state.deltas > 1 and ended > state.first_token_at:
             tokens_per_s = (state.deltas - 1) / (ended - state.first_token_at)
+        prompt_eval_count = done.prompt_eval_count if done is not None else None
         finished = Finished(
             request_id=request_id,
             status=outcome["status"],
@@ -421,13 +427,13 @@ class Gateway:
             ttft_ms=ttft_ms,
             latency_ms=(ended - entered) * 1000,
             tokens_per_s=tokens_per_s,
-            prompt_eval_count=done.prompt_eval_count if done is not None else None,
+            prompt_eval_count=prompt_eval_count,
             completion_tokens=completion,
+            server_truncated=self._check_server_count(request_id, request, state, prompt_eval_count),
         )
         replanned: dict[str, Any] = {}
         if state.replanned and state.plan is not None:
             replanned = {"context": to_json(state.plan.messages), **state.plan.audit_fields()}
-        self._check_server_count(request_id, request, state, finished.prompt_eval_count)
         try:
             self.store.finish_request(
                 request_id,
@@ -443,6 +449,7 @@ class Gateway:
                 tool_calls=json.dumps(finished.tool_calls, ensure_ascii=False),
                 prompt_eval_count=finished.prompt_eval_count,
                 completion_tokens=finished.completion_tokens,
+                server_truncated=finished.server_truncated,
                 queue_ms=finished.queue_ms,
                 ttft_ms=finished.ttft_ms,
                 latency_ms=finished.latency_ms,

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from clawdbot.admission import Admission
 from clawdbot.audit import AuditStore
 from clawdbot.backends import BackendSelector
+from clawdbot.chain import verify_chain
 from clawdbot.context import CUT_MARKER, ContextPlan, plan_context
 from clawdbot.db import Database
 from clawdbot.gateway import ChatRequest, ContextPlanned, Finished, Gateway
@@ -163,7 +164,7 @@ def make_gateway(db: Database, sim: OllamaSimulator) -> Gateway:
 
 
 def test_the_model_never_receives_more_than_the_budget(
-    db: Database, sim: OllamaSimulator, qwen: QwenCounter
+    db: Database, sim: OllamaSimulator, qwen: QwenCounter, caplog: pytest.LogCaptureFixture
 ) -> None:
     gateway = make_gateway(db, sim)
     history = conversation(150)
@@ -175,7 +176,8 @@ def test_the_model_never_receives_more_than_the_budget(
         context_budget=BUDGET,
         max_output_tokens=1024,
     )
-    events = list(gateway.stream(request))
+    with caplog.at_level(logging.WARNING, logger="clawdbot.gateway"):
+        events = list(gateway.stream(request))
     planned = [e for e in events if isinstance(e, ContextPlanned)]
     finished = events[-1]
     assert isinstance(finished, Finished) and finished.status == "ok"
@@ -192,6 +194,9 @@ def test_the_model_never_receives_more_than_the_budget(
     assert record.context_tokens_before is not None and record.context_tokens_before > BUDGET
     assert record.context_tokens_after == record.prompt_tokens == qwen.count_messages(received["messages"])
     assert record.prompt_eval_count == record.prompt_tokens  # the server counted what we counted
+    # So nothing was cut out of sight: no warning, and the record says so.
+    assert record.server_truncated is False and finished.server_truncated is False
+    assert not [r for r in caplog.records if "may have cut" in r.getMessage()]
 
 
 def test_a_server_that_counts_more_than_we_do_is_reported(
@@ -209,6 +214,19 @@ def test_a_server_that_counts_more_than_we_do_is_reported(
     )
     with caplog.at_level(logging.WARNING, logger="clawdbot.gateway"):
         events = list(gateway.stream(request))
-    assert isinstance(events[-1], Finished)
+    finished = events[-1]
+    assert isinstance(finished, Finished) and finished.status == "ok"
+    assert not any(isinstance(e, ContextPlanned) for e in events)  # by our count, everything fitted
     assert sim.requests[-1]["truncated"]
-    assert any("may have cut the front of the prompt" in r.getMessage() for r in caplog.records)
+    warnings = [r for r in caplog.records if "may have cut the front of the prompt" in r.getMessage()]
+    assert len(warnings) == 1 and f"request {finished.request_id}:" in warnings[0].getMessage()
+    assert finished.server_truncated is True
+    with db.read() as session:
+        record = session.scalars(select(Request)).one()
+    assert record.server_truncated is True and not record.truncated
+    assert record.prompt_eval_count == sim.requests[-1]["prompt_eval_count"]
+    assert record.prompt_tokens is not None and record.prompt_eval_count is not None
+    assert record.prompt_eval_count > record.prompt_tokens * 1.05 + 16
+    # The flag is part of the hashed record, and the chain holding it verifies.
+    result = verify_chain(db)
+    assert result.ok and result.checked == 1, result.first_break

@@ -47,13 +47,15 @@ from clawdbot.export import export_records
 from clawdbot.models import Event, Request, utcnow
 from clawdbot.records import AuditFilter
 
-# The contract's columns, written out here rather than imported, so a change in the code cannot go unnoticed.
+# The contract's columns, written out here rather than imported, so a change in the code cannot go unnoticed; then
+# the columns added since, at the end, so that readers of the contract's columns by position are not disturbed.
 CONTRACT_REQUEST_COLUMNS = [
     "id", "started_at", "finished_at", "status", "error", "user", "client_ip", "conversation_id", "agent",
     "agent_version", "backend", "model_requested", "model_used", "fallback_used", "retries", "prompt", "context",
     "response", "thinking", "tool_calls", "attachments", "prompt_tokens", "prompt_eval_count",
     "completion_tokens", "context_tokens_before", "context_tokens_after", "truncated", "dropped_messages",
     "queue_ms", "ttft_ms", "latency_ms", "tokens_per_s", "prev_hash", "hash",
+    "server_truncated",
 ]  # fmt: skip
 CONTRACT_EVENT_COLUMNS = ["id", "at", "actor", "action", "target", "details", "prev_hash", "hash"]
 JSON_COLUMNS = frozenset({"context", "tool_calls", "attachments", "details"})
@@ -141,6 +143,7 @@ SPECS: tuple[Spec, ...] = (
             "response": "أنا بخير، شكرا!\r\nسطر ثان",
             "truncated": True,
             "dropped_messages": 3,
+            "server_truncated": True,
             "queue_ms": 1e-7,
             "ttft_ms": 3.0,
             "latency_ms": 12345.678901234,
@@ -462,6 +465,9 @@ def test_csv_has_every_field(db: Database, store: AuditStore, request_ids: list[
     assert float(by_id[request_ids[1]]["latency_ms"]) == 12345.678901234
     assert float(by_id[request_ids[1]]["queue_ms"]) == 1e-7
     assert by_id[request_ids[1]]["started_at"] == "2026-03-01T10:00:00.123456Z"
+    assert header[-1] == "server_truncated"
+    assert by_id[request_ids[1]]["server_truncated"] == "true"
+    assert by_id[request_ids[0]]["server_truncated"] == "false"
 
 
 def test_csv_neutralizes_formulas(
@@ -508,6 +514,8 @@ def test_xlsx_has_every_field(
     assert by_id[request_ids[1]]["fallback_used"] == "true"
     assert by_id[request_ids[0]]["truncated"] == "false"
     assert by_id[request_ids[0]]["prompt_tokens"] == 812
+    assert by_id[request_ids[1]]["server_truncated"] == "true"
+    assert by_id[request_ids[0]]["server_truncated"] == "false"
 
 
 def test_xlsx_neutralizes_formulas_and_cleans_cells(
@@ -567,6 +575,8 @@ def test_jsonl_has_every_field_unneutralized(
     # Booleans, numbers and missing values keep their JSON types.
     assert arabic["fallback_used"] is True and arabic["truncated"] is True
     assert first["fallback_used"] is False
+    assert list(first)[-1] == "server_truncated"
+    assert arabic["server_truncated"] is True and first["server_truncated"] is False
     assert arabic["queue_ms"] == 1e-7 and arabic["tokens_per_s"] == 0.1
     assert arabic["response"] == "أنا بخير، شكرا!\r\nسطر ثان"
     assert (
