@@ -1,27 +1,49 @@
-"""Streamlit entry point: layout and calls only; everything else lives in the clawdbot package."""
+"""Streamlit entry point: builds the navigation from the signed-in user's roles on every run.
+
+A page the user may not use is never registered: its URL shows "not permitted" instead (see clawdbot.access).
+"""
 
 from __future__ import annotations
 
+from functools import partial
+from pathlib import Path
+
 import streamlit as st
 
-from clawdbot.errors import ClawdbotError
-from clawdbot.runtime import Runtime
+from clawdbot.access import PAGES, pages_for
+from ui.session import current_identity, show_not_permitted, show_signed_out, sign_out
 
+PAGES_DIR = Path(__file__).with_name("pages")
 
-@st.cache_resource
-def runtime() -> Runtime:
-    """One runtime (settings, database engine, audit store) per server process, shared by every session."""
-    return Runtime.open()
+st.set_page_config(page_title="clawdbot", page_icon="🦀", layout="wide")
+identity = current_identity()
 
-
-st.set_page_config(page_title="clawdbot", page_icon="🦀")
-st.title("clawdbot")
-try:
-    rt = runtime()
-except ClawdbotError as exc:
-    st.error(exc.message)
+if identity is None:
+    st.navigation([st.Page(show_signed_out, title="Sign in", url_path="signed-out")], position="hidden").run()
     st.stop()
-st.caption(f"Database: {rt.db.safe_url}")
-st.info(
-    "The sign-in, chat, admin and audit pages are not part of this build yet; use the `clawdbot` command."
-)
+
+allowed = pages_for(identity.user)
+allowed_paths = {page.url_path for page in allowed}
+registered = [
+    st.Page(PAGES_DIR / f"{page.url_path}.py", title=page.title, icon=page.icon, url_path=page.url_path)
+    for page in allowed
+]
+# The pages this user may not use answer "not permitted" at their URL instead of falling back to another page.
+refused = [
+    st.Page(
+        partial(show_not_permitted, page.url_path, identity),
+        title=page.title,
+        url_path=page.url_path,
+        visibility="hidden",
+    )
+    for page in PAGES
+    if page.url_path not in allowed_paths
+]
+
+page = st.navigation(registered + refused)
+with st.sidebar:
+    user = identity.user
+    st.caption(f"Signed in as **{user.name}** · {', '.join(sorted(r.value for r in user.roles))}")
+    if st.button("Sign out", key="sign_out", icon=":material/logout:"):
+        sign_out(identity)
+page.run()

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, TypeAlias, cast, runtime_checkable
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import ollama
@@ -253,6 +253,17 @@ def _normalize_host(host: str) -> str:
     return f"http://{host}" if parts.port else f"http://{parts.netloc}:{_DEFAULT_OLLAMA_PORT}{parts.path}"
 
 
+def without_credentials(url: str) -> str:
+    """`url` as safe to show in messages, logs and audit records: any user name and password removed."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 def _connect_reason(exc: BaseException) -> str:
     """Why a connection failed, in a few words (the client's ConnectionError hides it in __context__)."""
     if isinstance(exc.__context__, httpx.ConnectError):
@@ -295,6 +306,7 @@ class OllamaBackend:
         keep_alive: str | None = None,
     ) -> None:
         self.host = _normalize_host(host)
+        self.shown_host = without_credentials(self.host)
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.keep_alive = keep_alive
@@ -315,7 +327,7 @@ class OllamaBackend:
         )
 
     def __repr__(self) -> str:
-        return f"OllamaBackend({self.host!r})"
+        return f"OllamaBackend({self.shown_host!r})"
 
     def close(self) -> None:
         close_client: Callable[[], None] = self._client.close  # untyped in the client
@@ -380,7 +392,7 @@ class OllamaBackend:
             _close_quietly(chunks)
         if done is None:
             raise StreamBroken(
-                f"the answer from Ollama at {self.host} ended before it was complete (no final chunk)"
+                f"the answer from Ollama at {self.shown_host} ended before it was complete (no final chunk)"
             )
         yield done
 
@@ -451,7 +463,7 @@ class OllamaBackend:
             raise self._translate(error, None) from exc
         except (KeyError, TypeError) as exc:
             raise BackendServerError(
-                f"{self.host} answered /api/version without a version: is it an Ollama server?",
+                f"{self.shown_host} answered /api/version without a version: is it an Ollama server?",
                 retryable=False,
             ) from exc
         except Exception as exc:
@@ -476,30 +488,30 @@ class OllamaBackend:
         start_hint = "start it with `ollama serve` or check OLLAMA_HOST"
         if isinstance(exc, httpx.ConnectTimeout):
             return BackendUnavailable(
-                f"cannot reach Ollama at {self.host}: no answer within {_seconds(self.connect_timeout)} s "
+                f"cannot reach Ollama at {self.shown_host}: no answer within {_seconds(self.connect_timeout)} s "
                 f"(CLAWDBOT_CONNECT_TIMEOUT); {start_hint}"
             )
         if isinstance(exc, httpx.ConnectError | ConnectionError):
             return BackendUnavailable(
-                f"cannot reach Ollama at {self.host}: {_connect_reason(exc)}; {start_hint}"
+                f"cannot reach Ollama at {self.shown_host}: {_connect_reason(exc)}; {start_hint}"
             )
         if isinstance(exc, httpx.ReadTimeout):
             return BackendTimeout(
                 f"the model sent nothing for {_seconds(self.read_timeout)} s (CLAWDBOT_READ_TIMEOUT); "
-                f"Ollama at {self.host} may be overloaded or stuck"
+                f"Ollama at {self.shown_host} may be overloaded or stuck"
             )
         if isinstance(exc, httpx.PoolTimeout):
-            return BackendBusy(f"every connection to Ollama at {self.host} is in use; try again shortly")
+            return BackendBusy(f"every connection to Ollama at {self.shown_host} is in use; try again shortly")
         if isinstance(exc, httpx.TransportError):
             detail = _shorten(f"{type(exc).__name__}: {exc}", 160)
             return StreamBroken(
-                f"the connection to Ollama at {self.host} broke before the answer was complete ({detail})"
+                f"the connection to Ollama at {self.shown_host} broke before the answer was complete ({detail})"
             )
         if isinstance(exc, ollama.RequestError):
             return BackendServerError(f"invalid request to Ollama: {_shorten(exc.error)}", retryable=False)
         if isinstance(exc, ValueError):  # unreadable JSON or a shape the client does not accept
             return BackendServerError(
-                f"Ollama at {self.host} sent a reply clawdbot cannot read: {_shorten(str(exc), 200)}",
+                f"Ollama at {self.shown_host} sent a reply clawdbot cannot read: {_shorten(str(exc), 200)}",
                 retryable=False,
             )
         raise exc
@@ -510,13 +522,13 @@ class OllamaBackend:
         if status == 404 and model:
             return ModelNotFound(model)
         if status in (503, 429):
-            return BackendBusy(f"Ollama at {self.host} is busy ({text}); try again shortly")
+            return BackendBusy(f"Ollama at {self.shown_host} is busy ({text}); try again shortly")
         if status == -1:
             return BackendServerError(f"Ollama failed in mid-answer: {text}", retryable=True)
         if status == 400 and "does not support" in text:
             return BackendServerError(f"Ollama refused the request: {text}", retryable=False, status_code=400)
         return BackendServerError(
-            f"Ollama at {self.host} answered HTTP {status}: {text}",
+            f"Ollama at {self.shown_host} answered HTTP {status}: {text}",
             retryable=status >= 500 or status == 408,
             status_code=status,
         )

@@ -25,7 +25,8 @@ from clawdbot.models import Status
 from clawdbot.records import AuditFilter, parse_time
 from clawdbot.runtime import Runtime
 
-APP_SCRIPT = Path(__file__).resolve().parent.parent / "app.py"
+# The ASGI wrapper around app.py: the UI and the HTTP routes served by one process.
+SERVER_SCRIPT = Path(__file__).resolve().parent.parent / "asgi.py"
 
 app = typer.Typer(
     name="clawdbot",
@@ -66,16 +67,20 @@ def run(
     if password is not None:
         typer.echo("created the admin user 'admin'; sign in with this one-time password and change it:")
         typer.echo(f"password: {password}")
+    max_upload_mb = runtime.settings.max_upload_mb
     runtime.close()
-    if not APP_SCRIPT.is_file():
-        raise ClawdbotError(f"the app is missing at {APP_SCRIPT}: install clawdbot from its source tree")
+    if not SERVER_SCRIPT.is_file():
+        raise ClawdbotError(f"the app is missing at {SERVER_SCRIPT}: install clawdbot from its source tree")
     typer.echo(f"serving clawdbot on http://{host}:{port}", err=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [  # noqa: S606 - the app replaces this process
-        sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT),
+        sys.executable, "-m", "streamlit", "run", str(SERVER_SCRIPT),
         "--server.address", host, "--server.port", str(port), "--server.headless", "true",
         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+        # No traceback or developer menu in front of users; uploads capped before our own checks run.
+        "--client.showErrorDetails", "none", "--client.toolbarMode", "viewer",
+        "--server.maxUploadSize", str(max_upload_mb),
     ])  # fmt: skip
 
 

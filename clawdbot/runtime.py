@@ -6,12 +6,14 @@ reaches the same database engine and, later, the same gateway.
 
 from __future__ import annotations
 
+import threading
 from functools import cached_property
 
 from clawdbot import migrate
 from clawdbot.admission import Admission
 from clawdbot.agents import Agents
 from clawdbot.audit import AuditStore
+from clawdbot.auth import Auth
 from clawdbot.backends import BackendSelector
 from clawdbot.chat import ChatService
 from clawdbot.conversations import Conversations
@@ -67,6 +69,10 @@ class Runtime:
         )
 
     @cached_property
+    def auth(self) -> Auth:
+        return Auth(self.db, self.users, self.settings.session_secret(), self.settings.redis_url)
+
+    @cached_property
     def chat(self) -> ChatService:
         return ChatService(self.agents, self.conversations, self.gateway)
 
@@ -74,4 +80,31 @@ class Runtime:
         if "gateway" in self.__dict__:
             self.gateway.backends.close()
             self.gateway.limiter.close()
+        if "auth" in self.__dict__:
+            self.auth.close()
         self.db.dispose()
+
+
+_shared: Runtime | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_runtime() -> Runtime:
+    """The one runtime of this server process, shared by every page, session and HTTP route.
+
+    One gateway per process is what makes the concurrency cap and the queue hold for the UI and the API
+    together. A failed open (database down) is not kept, so the next call tries again.
+    """
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Runtime.open()
+        return _shared
+
+
+def install_shared_runtime(runtime: Runtime | None) -> Runtime | None:
+    """Make `runtime` the process's shared one (tests run the app in-process); returns the previous one."""
+    global _shared
+    with _shared_lock:
+        previous, _shared = _shared, runtime
+        return previous
