@@ -10,11 +10,11 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
-from clawdbot.agents import AgentInfo, Agents
+from clawdbot.agents import NAME_PATTERN, UNSAVED_AGENT, AgentConfig, AgentInfo, Agents, first_blocking
 from clawdbot.backends import ContentDelta, ThinkingDelta, ToolCall
 from clawdbot.conversations import Conversations, StoredMessage
 from clawdbot.errors import UsageError
-from clawdbot.gateway import ChatRequest, Finished, Gateway, GatewayEvent, Queued, Started
+from clawdbot.gateway import ChatRequest, ContextPlanned, Finished, Gateway, GatewayEvent, Queued, Started
 
 MAX_PROMPT_CHARS = 200_000
 
@@ -85,7 +85,8 @@ class ChatService:
             yield self.gateway.reject(request, problem)
             return
         if conversation_id is None:
-            conversation_id = self.conversations.create(user, info.name)
+            # Titled from the first message at once, so a first turn refused busy still leaves a findable one.
+            conversation_id = self.conversations.create(user, info.name, title=" ".join(prompt.split())[:80])
             request = ChatRequest(**{**request.__dict__, "conversation_id": conversation_id})
         yield TurnStarted(conversation_id, info)
 
@@ -93,8 +94,9 @@ class ChatService:
         thinking: list[str] = []
         tool_calls: list[dict[str, Any]] = []
         request_id: int | None = None
+        events = self.gateway.stream(request)
         try:
-            for event in self.gateway.stream(request):
+            for event in events:
                 if isinstance(event, ContentDelta):
                     content.append(event.text)
                 elif isinstance(event, ThinkingDelta):
@@ -105,6 +107,9 @@ class ChatService:
                     request_id = event.request_id
                 yield event
         finally:
+            # Closed first, so the record is finalized (`cancelled` when the caller stopped) before the turn is
+            # stored, whatever the interpreter's order of finalizing generators.
+            events.close()
             # Kept also when the caller stopped half-way: the partial answer belongs to the conversation.
             if content or thinking or tool_calls:
                 self.conversations.append(
@@ -117,6 +122,60 @@ class ChatService:
                         ),
                     ],
                 )
+
+    def try_config(
+        self, user: str, name: str, config: AgentConfig, prompt: str, *, client_ip: str = ""
+    ) -> Generator[GatewayEvent, None, None]:
+        """One turn with a configuration that is not saved yet, for the admin page's try box.
+
+        It takes the same road as every request (rate limit, queue, audit record), with no conversation and no
+        agent version: the record names the agent (or `UNSAVED_AGENT`) with an empty version, and an
+        `agent.try` event by the admin points at it. Raises UsageError when the draft cannot be sent at all.
+        """
+        config = config.normalized()
+        problem = first_blocking(self.agents.problems(config))
+        if problem is not None:
+            raise UsageError(problem.message)
+        name = name.strip()
+        label = name if NAME_PATTERN.match(name) else UNSAVED_AGENT
+        messages: list[dict[str, Any]] = []
+        if config.system_prompt:
+            messages.append({"role": "system", "content": config.system_prompt})
+        messages.append({"role": "user", "content": prompt})
+        request = ChatRequest(
+            user=user,
+            messages=messages,
+            model=config.model,
+            prompt=prompt,
+            fallback_model=config.fallback_model,
+            client_ip=client_ip,
+            agent=label,
+            think=config.think,
+            context_budget=config.context_budget,
+            max_output_tokens=config.max_output_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
+        )
+        rejected = _check_prompt(prompt)
+        if rejected:
+            finished = self.gateway.reject(request, rejected)
+            self.agents.record_trial(user, label, finished.request_id, finished.status.value, config.model)
+            yield finished
+            return
+        request_id: int | None = None
+        status = "cancelled"
+        events = self.gateway.stream(request)
+        try:
+            for event in events:
+                if isinstance(event, ContextPlanned | Queued | Started | Finished):
+                    request_id = event.request_id
+                if isinstance(event, Finished):
+                    status = event.status.value
+                yield event
+        finally:
+            events.close()  # a try-out stopped half-way is finalized (cancelled) before its event is written
+            if request_id is not None:
+                self.agents.record_trial(user, label, request_id, status, config.model)
 
 
 def _check_prompt(prompt: str) -> str:

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from clawdbot.db import Database
 from clawdbot.errors import NotFoundError, UsageError
-from clawdbot.models import Agent, Conversation, Message, User, utcnow
+from clawdbot.models import Agent, Conversation, Message, Request, User, utcnow
 
 TITLE_LIMIT = 200
 
@@ -42,6 +42,27 @@ class StoredMessage:
         if self.tool_calls:
             message["tool_calls"] = [{"function": call} for call in self.tool_calls]
         return message
+
+
+@dataclass(frozen=True)
+class AnswerFigures:
+    """What the audit record of an answer's request says about it: shown under the answer, also after a reload."""
+
+    status: str
+    model_used: str
+    ttft_ms: float | None
+    tokens_per_s: float | None
+    completion_tokens: int | None
+    dropped_messages: int = 0
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class TranscriptEntry:
+    """A stored message as the chat page shows it; `figures` only for answers whose request is recorded."""
+
+    message: StoredMessage
+    figures: AnswerFigures | None
 
 
 class Conversations:
@@ -106,6 +127,43 @@ class Conversations:
             if not conversation.title and messages:
                 conversation.title = " ".join(messages[0].content.split())[:80]
             conversation.updated_at = utcnow()
+
+    def get(self, conversation_id: int, user: str) -> ConversationInfo:
+        """One of the user's own conversations; NotFoundError for anyone else's, as for one that does not exist."""
+        with self.db.read() as session:
+            conversation = self._owned(session, conversation_id, user)
+            agent = str(session.scalar(select(Agent.name).where(Agent.id == conversation.agent_id)))
+            return ConversationInfo(conversation.id, conversation.title, agent, conversation.updated_at)
+
+    def transcript(self, conversation_id: int, user: str) -> list[TranscriptEntry]:
+        """The messages in order, each answer with the figures of its request, read in one query."""
+        with self.db.read() as session:
+            self._owned(session, conversation_id, user)
+            rows = session.execute(
+                select(
+                    Message,
+                    Request.status,
+                    Request.model_used,
+                    Request.ttft_ms,
+                    Request.tokens_per_s,
+                    Request.completion_tokens,
+                    Request.dropped_messages,
+                    Request.truncated,
+                )
+                .outerjoin(Request, Request.id == Message.request_id)
+                .where(Message.conversation_id == conversation_id)
+                .order_by(Message.id)
+            )
+            entries = []
+            for m, status, model_used, ttft_ms, tokens_per_s, completion, dropped, truncated in rows:
+                message = StoredMessage(m.role, m.content, m.thinking, json.loads(m.tool_calls), m.request_id)
+                figures = None
+                if m.role == "assistant" and status is not None:
+                    figures = AnswerFigures(
+                        status, model_used, ttft_ms, tokens_per_s, completion, dropped or 0, bool(truncated)
+                    )
+                entries.append(TranscriptEntry(message, figures))
+            return entries
 
     def list_for(self, user: str) -> list[ConversationInfo]:
         with self.db.read() as session:
