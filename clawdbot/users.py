@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from clawdbot.audit import append_event
 from clawdbot.db import Database
 from clawdbot.errors import NotFoundError, UsageError
-from clawdbot.models import Role, User, utcnow
+from clawdbot.models import Event, Role, User, UserSession, utcnow
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 MIN_PASSWORD_LENGTH = 10
@@ -65,6 +67,32 @@ def parse_roles(roles: Iterable[str]) -> frozenset[Role]:
 
 def _roles_text(roles: Iterable[Role]) -> str:
     return " ".join(sorted(r.value for r in roles))
+
+
+@dataclass(frozen=True)
+class UserActivity:
+    """A user with when they last signed in and when a session of theirs was last used, for admins."""
+
+    user: UserInfo
+    last_sign_in: datetime | None
+    last_seen: datetime | None
+
+
+def _keep_an_admin(session: Session, user: User) -> None:
+    """Refuse to leave no enabled admin: nobody could then manage users or agents from the web app."""
+    if user.disabled or Role.ADMIN not in user.role_set:
+        return
+    # Locks every enabled user in one order (PostgreSQL), so two admins demoting each other at once
+    # cannot both pass this check; SQLite's write transaction is already exclusive.
+    enabled = session.scalars(
+        select(User)
+        .where(User.disabled.is_(False))
+        .order_by(User.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    if not any(other.id != user.id and Role.ADMIN in other.role_set for other in enabled):
+        raise UsageError(f"{user.name} is the last enabled admin: make another user an admin first")
 
 
 def check_password(password: str) -> None:
@@ -142,33 +170,101 @@ class Users:
                 raise NotFoundError(f"there is no user named {name!r}")
             return UserInfo.of(user)
 
+    def activity(self) -> list[UserActivity]:
+        """Every user with their last sign-in (from the audit events) and last use of a session."""
+        with self.db.read() as session:
+            signed_in: dict[str, datetime] = {
+                target: at
+                for target, at in session.execute(
+                    select(Event.target, func.max(Event.at))
+                    .where(Event.action == "auth.sign_in")
+                    .group_by(Event.target)
+                )
+            }
+            last_seen = func.max(UserSession.last_seen_at)
+            seen: dict[int, datetime] = {
+                user_id: at
+                for user_id, at in session.execute(
+                    select(UserSession.user_id, last_seen).group_by(UserSession.user_id)
+                )
+            }
+            return [
+                UserActivity(UserInfo.of(u), signed_in.get(u.name), seen.get(u.id))
+                for u in session.scalars(select(User).order_by(User.name))
+            ]
+
     def _change(
-        self, actor: str, name: str, action: str, details: dict[str, object], **values: object
+        self,
+        actor: str,
+        name: str,
+        action: str,
+        details: dict[str, object],
+        guard: Callable[[Session, User], None] | None = None,
+        **values: object,
     ) -> None:
+        """Set `values` on the user and append the event, after `guard` (which may refuse) had its say."""
         with self.db.write() as session:
             user = session.scalar(select(User).where(User.name == name))
             if user is None:
                 raise NotFoundError(f"there is no user named {name!r}")
+            if guard is not None:
+                guard(session, user)
             for key, value in values.items():
                 setattr(user, key, value)
             session.flush()
             append_event(session.connection(), actor, action, name, details)
 
     def set_disabled(self, actor: str, name: str, disabled: bool = True) -> None:
-        self._change(actor, name, "user.disable" if disabled else "user.enable", {}, disabled=disabled)
+        """Disable a user, ending every session of theirs at once, or enable them again.
+
+        Nobody disables their own account, and the last enabled admin stays enabled.
+        """
+
+        def guard(session: Session, user: User) -> None:
+            if user.disabled == disabled:
+                raise UsageError(f"{user.name} is already {'disabled' if disabled else 'enabled'}")
+            if not disabled:
+                return
+            if user.name == actor:
+                raise UsageError("you cannot disable your own account: another admin must do it")
+            _keep_an_admin(session, user)
+            # Revoked, not only refused while disabled: enabling the user again must not revive old cookies.
+            session.execute(
+                update(UserSession)
+                .where(UserSession.user_id == user.id, UserSession.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
+            )
+
+        self._change(actor, name, "user.disable" if disabled else "user.enable", {}, guard, disabled=disabled)
 
     def set_roles(self, actor: str, name: str, roles: Iterable[str]) -> None:
+        """Replace a user's roles; nobody removes their own admin role, and the last enabled admin stays one."""
         role_set = parse_roles(roles)
+
+        def guard(session: Session, user: User) -> None:
+            if Role.ADMIN in role_set or Role.ADMIN not in user.role_set:
+                return
+            if user.name == actor:
+                raise UsageError("you cannot remove your own admin role: another admin must do it")
+            _keep_an_admin(session, user)
+
         self._change(
             actor,
             name,
             "user.roles",
             {"roles": sorted(r.value for r in role_set)},
+            guard,
             roles=_roles_text(role_set),
         )
 
     def reset_password(self, actor: str, name: str, password: str | None = None) -> str:
-        """Set a new password (generated and one-time when none is given); returns it."""
+        """Set a new password (generated and one-time when none is given); returns it.
+
+        The user's sessions end (they were opened before the change); an admin's own password is changed on
+        the Account page instead, with the current one.
+        """
+        if actor == name:
+            raise UsageError("change your own password on the Account page, not by a reset")
         generated = password is None
         password = generate_password() if password is None else password
         check_password(password)
@@ -182,6 +278,32 @@ class Users:
             password_changed_at=utcnow(),
         )
         return password
+
+    def change_password(self, name: str, old: str, new: str) -> datetime:
+        """A user's own change: needs the current password; returns when it changed (older sessions end)."""
+        if self.authenticate(name, old) is None:
+            raise UsageError("the current password is wrong")
+        if new == old:
+            raise UsageError("the new password must differ from the current one")
+        check_password(new)
+        changed_at = utcnow()
+        self._change(
+            name,
+            name,
+            "user.password",
+            {"one_time": False, "own": True},
+            password_hash=_hasher.hash(new),
+            must_change_password=False,
+            password_changed_at=changed_at,
+        )
+        return changed_at
+
+    @staticmethod
+    def password_matches(stored_hash: str, password: str) -> bool:
+        try:
+            return bool(_hasher.verify(stored_hash, password))
+        except (VerificationError, InvalidHashError):
+            return False
 
     def authenticate(self, name: str, password: str) -> UserInfo | None:
         """The user if the name and password match an enabled account, else None."""
