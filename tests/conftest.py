@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -18,9 +19,21 @@ from sqlalchemy.engine import make_url
 from clawdbot import migrate
 from clawdbot.audit import AuditStore
 from clawdbot.db import Database
+from clawdbot.runtime import Runtime, install_shared_runtime
+from clawdbot.settings import load_settings
+from tests.helpers import IN_CI
+from tests.ollama_sim import OllamaSimulator
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
+
+    from tests.app_helpers import AppHarness
+    from tests.browser_helpers import LiveServer
 
 PG_URL = os.environ.get("CLAWDBOT_TEST_DATABASE_URL", "")
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Screenshots of failed browser tests land here (CI keeps the directory).
+ARTIFACTS = Path(os.environ.get("CLAWDBOT_TEST_ARTIFACTS", "test-artifacts")).resolve()
+PHASE_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 BACKENDS = ["sqlite", "postgresql"] if PG_URL else ["sqlite"]
 
 
@@ -83,3 +96,80 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def sim() -> Iterator[OllamaSimulator]:
+    """The Ollama simulator serving real HTTP on 127.0.0.1, stopped after the test."""
+    with OllamaSimulator() as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def app_settings() -> dict[str, Any]:
+    """Settings the `app_harness` runtime overrides; a test changes them with
+    `@pytest.mark.parametrize("app_settings", [{"max_concurrent": 1}])`."""
+    return {}
+
+
+@pytest.fixture
+def app_harness(workdir: Path, db: Database, app_settings: dict[str, Any]) -> Iterator[AppHarness]:
+    """The Streamlit app in-process over this test's database; the model server is the Ollama simulator."""
+    from tests.app_helpers import AppHarness, write_entry
+    from tests.ollama_sim import OllamaSimulator
+
+    with OllamaSimulator() as sim:
+        settings = load_settings(
+            database_url=db.url,
+            data_dir=workdir / "data",
+            ollama_host=sim.url,
+            backend="ollama",
+            **{"rate_limit": "", "retries": 0, **app_settings},
+        )
+        runtime = Runtime(settings)
+        previous = install_shared_runtime(runtime)
+        try:
+            yield AppHarness(runtime, sim, write_entry(workdir))
+        finally:
+            install_shared_runtime(previous)
+            runtime.close()
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """`clawdbot run` on a free port over a SQLite file and the Ollama simulator, one per test module."""
+    from tests.browser_helpers import serve
+
+    yield from serve(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium through Playwright; a missing browser fails the test rather than skipping it."""
+    from tests.browser_helpers import launch_browser
+
+    yield from launch_browser()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Keep each phase's report on the test item, so fixtures can tell in teardown whether the test failed."""
+    report = yield
+    item.stash.setdefault(PHASE_REPORTS, {})[report.when] = report
+    return report
+
+
+@pytest.fixture
+def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
+    """A fresh browser context (no cookies) and tab; a failed test leaves a screenshot in ARTIFACTS."""
+    from tests.browser_helpers import new_page
+
+    for tab in new_page(browser):
+        yield tab
+        reports = request.node.stash.get(PHASE_REPORTS, {})
+        if any(r.failed for r in reports.values()):
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            name = "".join(c if c.isalnum() or c in "-_." else "_" for c in request.node.nodeid)
+            tab.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
