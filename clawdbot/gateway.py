@@ -34,6 +34,7 @@ from clawdbot.backends import (
     ToolCall,
 )
 from clawdbot.context import ContextPlan, plan_context
+from clawdbot.documents import Document
 from clawdbot.errors import BusyError, ClawdbotError, RateLimitedError
 from clawdbot.models import Status
 from clawdbot.ratelimit import RateLimiter
@@ -67,6 +68,8 @@ class ChatRequest:
     temperature: float | None = None
     top_p: float | None = None
     attachments: list[dict[str, Any]] = field(default_factory=list)
+    documents: tuple[Document, ...] = ()
+    """The attachments' extracted content, for tools such as `read_document` and `query_table`."""
     audit: dict[str, Any] = field(default_factory=dict)
     """Further record fields the caller computed (token counts and truncation from context planning)."""
 
