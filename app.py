@@ -11,7 +11,7 @@ from pathlib import Path
 import streamlit as st
 
 from clawdbot.access import PAGES, pages_for
-from ui.session import current_identity, show_not_permitted, show_signed_out, sign_out
+from ui.session import current_identity, open_first_page, show_not_permitted, show_signed_out, sign_out
 
 PAGES_DIR = Path(__file__).with_name("pages")
 
@@ -40,7 +40,11 @@ refused = [
     if page.url_path not in allowed_paths
 ]
 
-page = st.navigation(registered + refused)
+# "/" opens the user's first page under its own URL, so /chat, /audit, … always name the page they show.
+home = st.Page(
+    partial(open_first_page, registered[0]), title="Home", url_path="home", default=True, visibility="hidden"
+)
+page = st.navigation([home, *registered, *refused])
 with st.sidebar:
     user = identity.user
     st.caption(f"Signed in as **{user.name}** · {', '.join(sorted(r.value for r in user.roles))}")

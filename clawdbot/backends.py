@@ -501,7 +501,9 @@ class OllamaBackend:
                 f"Ollama at {self.shown_host} may be overloaded or stuck"
             )
         if isinstance(exc, httpx.PoolTimeout):
-            return BackendBusy(f"every connection to Ollama at {self.shown_host} is in use; try again shortly")
+            return BackendBusy(
+                f"every connection to Ollama at {self.shown_host} is in use; try again shortly"
+            )
         if isinstance(exc, httpx.TransportError):
             detail = _shorten(f"{type(exc).__name__}: {exc}", 160)
             return StreamBroken(

@@ -23,6 +23,8 @@ from tests.ollama_sim import OllamaSimulator
 CHROMIUM = Path("/usr/bin/chromium")
 PASSWORD = "correct horse battery"
 START_TIMEOUT = 90.0
+# Streamlit reruns and the app's first page load are slow on a busy two-core CI machine.
+expect.set_options(timeout=20_000)
 
 
 @dataclass
@@ -111,9 +113,11 @@ def new_page(browser: Browser) -> Iterator[Page]:
 
 
 def sign_in(page: Page, server: LiveServer, name: str, password: str = PASSWORD, path: str = "/") -> None:
-    """Open `path`, get sent to the sign-in form, sign in and wait for the app to show the user."""
+    """Open `path`, get sent to the sign-in form, sign in and wait for the app to show the user at `path`."""
     page.goto(server.url + path)
     page.get_by_label("User name").fill(name)
     page.get_by_label("Password").fill(password)
     page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_text(f"Signed in as {name}")).to_be_visible()
+    if path != "/":
+        expect(page).to_have_url(server.url + path)

@@ -7,6 +7,7 @@ seeing each other. With CI=true the PostgreSQL leg is mandatory: a missing serve
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -128,9 +129,13 @@ def app_harness(workdir: Path, db: Database, app_settings: dict[str, Any]) -> It
         )
         runtime = Runtime(settings)
         previous = install_shared_runtime(runtime)
+        # AppTest runs the app as `__main__` and leaves it there; child processes that a later test starts with
+        # the spawn method would import it again (and run the whole app) unless the real one is put back.
+        main_module = sys.modules["__main__"]
         try:
             yield AppHarness(runtime, sim, write_entry(workdir))
         finally:
+            sys.modules["__main__"] = main_module
             install_shared_runtime(previous)
             runtime.close()
 

@@ -29,7 +29,7 @@ def server(live_server: LiveServer) -> Iterator[LiveServer]:
 
 def test_an_auditor_filters_opens_exports_and_verifies(server: LiveServer, page: Page) -> None:
     # The Audit page is an auditor's first page, which Streamlit serves at the root URL.
-    sign_in(page, server, "aud", path="/")
+    sign_in(page, server, "aud", path="/audit")
     expect(page.get_by_role("heading", name="Audit")).to_be_visible()
     metric = page.get_by_test_id("stMetric").filter(has_text="Matching records")
     expect(metric).to_contain_text("3")

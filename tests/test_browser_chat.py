@@ -63,7 +63,7 @@ def test_the_answer_streams_stop_keeps_the_partial_answer_and_a_reload_keeps_the
     server: LiveServer, page: Page
 ) -> None:
     server.sim.tokens_per_s, server.sim.default_tokens = 20.0, 400  # twenty seconds of answer
-    sign_in(page, server, "stella")  # Chat is a staff member's first page, served at /
+    sign_in(page, server, "stella", path="/chat")
     expect(page.get_by_role("heading", name="Chat")).to_be_visible()
     page.get_by_test_id("stSelectbox").click()
     page.get_by_role("option", name="writer").click()
@@ -116,7 +116,7 @@ def test_a_fast_answer_costs_at_most_about_15_screen_updates_a_second(server: Li
         ws.on("framereceived", lambda payload: frames.append(time.monotonic()))
 
     page.on("websocket", watch)
-    sign_in(page, server, "stella")  # Chat is a staff member's first page, served at /
+    sign_in(page, server, "stella", path="/chat")
     page.get_by_test_id("stSidebar").get_by_role("button", name="New conversation").click()
     expect(page.get_by_test_id("stChatMessage")).to_have_count(0)
     send(page, "go fast")

@@ -164,8 +164,12 @@ def test_run_upgrades_creates_the_first_admin_once_sweeps_and_serves(db_url: str
         )  # fmt: skip
         try:
             _wait_for_health(port, proc)
-            page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
-            assert page.status_code == 200
+            # A browser without a session is sent to the sign-in form, served by the same process.
+            page = httpx.get(f"http://127.0.0.1:{port}/chat", timeout=5)
+            assert page.status_code == 303 and page.headers["location"].startswith("/signin")
+            assert "Sign in" in httpx.get(f"http://127.0.0.1:{port}/signin", timeout=5).text
+            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+            assert health["database"]["status"] == "ok"
         finally:
             proc.terminate()
             out, err = proc.communicate(timeout=30)

@@ -224,7 +224,8 @@ def test_timings_are_measured_inside_the_stream_and_recorded(
     # The server's eval_count / eval_duration: 25 chunks paced at 40 per second.
     assert record.tokens_per_s is not None and 25 <= record.tokens_per_s <= 60
     assert record.latency_ms is not None and record.ttft_ms + 450 <= record.latency_ms <= waited_ms + 50
-    assert record.queue_ms is not None and 0 <= record.queue_ms < 500
+    # Nothing else was running: the wait for a slot is bookkeeping only, far shorter than the held-back first token.
+    assert record.queue_ms is not None and 0 <= record.queue_ms < record.ttft_ms
     assert record.completion_tokens == 25
     assert record.prompt_eval_count == sim.requests[0]["prompt_eval_count"] > 0
     assert (record.backend, record.model_used, record.retries, record.fallback_used) == (

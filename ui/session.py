@@ -7,6 +7,7 @@ from typing import NoReturn
 
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
+from streamlit.navigation.page import StreamlitPage
 
 from clawdbot.access import PAGES_BY_PATH, may_use
 from clawdbot.auth import EXTERNAL_SESSION, SESSION_COOKIE, Identity, SignInRefusedError
@@ -112,6 +113,11 @@ def show_signed_out(message: str = "You are not signed in.") -> None:
     st.markdown(f"If nothing happens, [sign in here]({SIGN_IN_PATH}).")
     # A constant script: a full page load is the only way to reach the route that sets an HttpOnly cookie.
     st.html(f"<script>window.location.assign({SIGN_IN_PATH!r});</script>", unsafe_allow_javascript=True)
+
+
+def open_first_page(page: StreamlitPage) -> None:
+    """The page behind "/": switches to the user's first page, which keeps its own URL path."""
+    st.switch_page(page)
 
 
 def show_not_permitted(url_path: str, identity: Identity | None = None) -> None:
