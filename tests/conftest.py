@@ -129,15 +129,23 @@ def app_harness(workdir: Path, db: Database, app_settings: dict[str, Any]) -> It
         )
         runtime = Runtime(settings)
         previous = install_shared_runtime(runtime)
-        # AppTest runs the app as `__main__` and leaves it there; child processes that a later test starts with
-        # the spawn method would import it again (and run the whole app) unless the real one is put back.
-        main_module = sys.modules["__main__"]
         try:
             yield AppHarness(runtime, sim, write_entry(workdir))
         finally:
-            sys.modules["__main__"] = main_module
             install_shared_runtime(previous)
             runtime.close()
+
+
+@pytest.fixture(autouse=True)
+def _keep_main_module() -> Iterator[None]:
+    """Put the real `__main__` back after each test.
+
+    AppTest runs its script as `__main__` and leaves it there; child processes that a later test in the same
+    worker starts with the spawn method would run that script again (and fail) unless the real one is back.
+    """
+    main_module = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main_module
 
 
 @pytest.fixture(scope="module")
