@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from typer.exceptions import TyperException
 
 from clawdbot.agents import AgentConfig
+from clawdbot.api_keys import ApiKeys
 from clawdbot.backends import ContentDelta, ThinkingDelta
 from clawdbot.chain import verify_chain
 from clawdbot.chat import TurnStarted
@@ -43,6 +44,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(user_app, name="user")
 app.add_typer(agent_app, name="agent")
 app.add_typer(audit_app, name="audit")
+key_app = typer.Typer(help="API keys for the HTTP API (/v1/...).", no_args_is_help=True)
+app.add_typer(key_app, name="key")
 
 
 def cli_actor() -> str:
@@ -166,6 +169,42 @@ def agent_add(
     )
     agent = runtime.agents.add(cli_actor(), name, config)
     typer.echo(f"created agent {agent.name} (version {agent.version}, model {agent.config.model})")
+
+
+@key_app.command("create")
+def key_create(
+    user: Annotated[str, typer.Option("--user", help="The user the key acts as.")],
+    label: Annotated[str, typer.Option("--label", help="What the key is for, e.g. the script's name.")] = "",
+) -> None:
+    """Create an API key for a user; the key is printed once and cannot be shown again."""
+    created = ApiKeys(Runtime.open().db).create(cli_actor(), user, label)
+    typer.echo(
+        f"created API key {created.info.id} for {created.info.user}; it is shown only this once:", err=True
+    )
+    typer.echo(created.secret)
+
+
+@key_app.command("list")
+def key_list(
+    user: Annotated[str | None, typer.Option("--user", help="Only this user's keys.")] = None,
+) -> None:
+    """List API keys (never the keys themselves): id, user, first characters, label, state, last use."""
+    runtime = Runtime.open()
+    if user is not None:
+        runtime.users.get(user)  # an unknown name is an error, not an empty list
+    for key in ApiKeys(runtime.db).all(user):
+        state = "active" if key.active else f"revoked {key.revoked_at:%Y-%m-%dT%H:%M:%SZ}"
+        used = f"{key.last_used_at:%Y-%m-%dT%H:%M:%SZ}" if key.last_used_at else "never used"
+        typer.echo(f"{key.id}\t{key.user}\t{key.shown}\t{key.label or '-'}\t{state}\t{used}")
+
+
+@key_app.command("revoke")
+def key_revoke(
+    key_id: Annotated[int, typer.Argument(metavar="ID", help="The key's id (see `key list`).")],
+) -> None:
+    """Revoke an API key: requests with it are refused from now on."""
+    key = ApiKeys(Runtime.open().db).revoke(cli_actor(), key_id)
+    typer.echo(f"revoked API key {key.id} ({key.shown}) of {key.user}")
 
 
 @app.command()

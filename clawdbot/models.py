@@ -322,3 +322,22 @@ class UserSession(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
     client_ip: Mapped[str] = mapped_column(String(64), default="")
     user_agent: Mapped[str] = mapped_column(String(255), default="")
+
+
+class ApiKey(Base):
+    """A key for the HTTP API, owned by one user; only its sha256 is kept (see clawdbot.api_keys)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    label: Mapped[str] = mapped_column(String(100), default="")
+    # The key's first characters, so people can tell their keys apart without the key itself.
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(64))
+    last_used_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_used_ip: Mapped[str] = mapped_column(String(64), default="")
+    revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    revoked_by: Mapped[str] = mapped_column(String(64), default="")
