@@ -42,6 +42,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from report import log, markdown_table, verdict
 from sqlalchemy import create_engine, insert, select, text
 from sqlalchemy.engine import make_url
 
@@ -389,9 +390,8 @@ def profile_verify(db: Database) -> str:
 # --- one backend ---------------------------------------------------------------------------------------------
 
 
-def verdict(value: float, goal: float, higher_is_better: bool = True) -> str:
-    ok = value >= goal if higher_is_better else value <= goal
-    return "PASS" if ok else "MISS"
+def meets(value: float, goal: float, higher_is_better: bool = True) -> str:
+    return verdict(value >= goal if higher_is_better else value <= goal)
 
 
 def bench_backend(
@@ -418,7 +418,7 @@ def bench_backend(
                     f"{plain:,.0f}",
                     f"{value / plain:.2f}",
                     write_goal,
-                    verdict(value, WRITE_GOAL) if is_sqlite else "",
+                    meets(value, WRITE_GOAL) if is_sqlite else "",
                 )
             )
 
@@ -438,7 +438,7 @@ def bench_backend(
                 f"{read_rate:,.0f}",
                 f"{verify_rate / read_rate:.2f}",
                 f">= {VERIFY_GOAL:,.0f}/s",
-                verdict(verify_rate, VERIFY_GOAL),
+                meets(verify_rate, VERIFY_GOAL),
             )
         )
         if args.profile:
@@ -492,7 +492,7 @@ def bench_backend(
                         f"{small_grown:.0f} ({small_xlsx['rows']:,} to xlsx)" if is_goal else "",
                         f"{grown / small_grown:.2f}" if is_goal and small_grown > 0 else "",
                         f"<= {XLSX_MEMORY_GOAL_MB:.0f} MB" if is_goal else "",
-                        verdict(grown, XLSX_MEMORY_GOAL_MB, higher_is_better=False) if is_goal else "",
+                        meets(grown, XLSX_MEMORY_GOAL_MB, higher_is_better=False) if is_goal else "",
                     )
                 )
     finally:
@@ -504,19 +504,10 @@ def bench_backend(
 # --- output --------------------------------------------------------------------------------------------------
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def table(rows: list[Row]) -> str:
     header = ("Backend", "Measure", "Result", "Baseline", "Ratio", "Goal", "")
-    cells = [header] + [
-        (r.backend, r.measure, r.result, r.baseline, r.ratio, r.goal, r.verdict) for r in rows
-    ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    cells = [(r.backend, r.measure, r.result, r.baseline, r.ratio, r.goal, r.verdict) for r in rows]
+    return markdown_table(header, cells)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,6 +53,7 @@ from typing import Any
 
 import httpx
 import ollama
+from report import log, markdown_table, verdict
 from sqlalchemy import func, select
 
 from clawdbot.backends import ContentDelta
@@ -593,21 +594,10 @@ class Row:
     verdict: str = ""
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def table(rows: list[Row]) -> str:
     header = ("Measure", "Gateway", "Direct (baseline)", "Ratio", "Added", "Goal", "")
-    cells = [header] + [(r.measure, r.result, r.baseline, r.ratio, r.added, r.goal, r.verdict) for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    cells = [(r.measure, r.result, r.baseline, r.ratio, r.added, r.goal, r.verdict) for r in rows]
+    return markdown_table(header, cells)
 
 
 def compare(measure: str, gateway: float, direct: float, digits: int, unit: str = "") -> Row:

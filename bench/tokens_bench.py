@@ -38,6 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from report import log, markdown_table, verdict
+
 from clawdbot.context import ContextPlan, cut_text, plan_context
 from clawdbot.tokens import QwenCounter, counter_for
 
@@ -211,21 +213,10 @@ class Row:
     verdict: str = ""
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def table(rows: list[Row]) -> str:
     header = ("Measure", "Result", "Baseline", "Ratio", "Goal", "")
-    cells = [header] + [(r.measure, r.result, r.baseline, r.ratio, r.goal, r.verdict) for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    cells = [(r.measure, r.result, r.baseline, r.ratio, r.goal, r.verdict) for r in rows]
+    return markdown_table(header, cells)
 
 
 def timing_rows(measure: str, timings: Timings, baseline: str, goal_ms: float) -> list[Row]:
