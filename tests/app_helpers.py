@@ -6,8 +6,10 @@ in session state, where `ui.session.current_identity` reads it through the same 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from streamlit.testing.v1 import AppTest
 from streamlit.util import calc_hash
@@ -58,3 +60,13 @@ class AppHarness:
             at._page_hash = calc_hash(page)
             at.run()
         return at
+
+
+def plain(text: Any) -> str:
+    """An element's text without the Markdown escapes the pages add around names and messages."""
+    return re.sub(r"\\(.)", r"\1", str(text))
+
+
+def messages(elements: Any) -> list[str]:
+    """The plain text of each element (st.error, st.success, …) AppTest found."""
+    return [plain(e.value) for e in elements]

@@ -6,6 +6,7 @@ Fixtures shared the same way (the Ollama simulator `sim`) live in conftest.py.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import threading
 from collections.abc import Callable
@@ -13,10 +14,10 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from clawdbot.db import Database
-from clawdbot.models import Request
+from clawdbot.models import Event, Request
 
 MODEL = "qwen3:32b"
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -75,3 +76,23 @@ def run_threads(target: Callable[[int], None], count: int, timeout: float = 30) 
     for thread in threads:
         thread.join(timeout=timeout)
     assert not any(thread.is_alive() for thread in threads), "a thread did not finish in time"
+
+
+EventRow = tuple[str, str, str, dict[str, Any]]
+
+
+def last_event_id(db: Database) -> int:
+    """The newest event's id (0 when there is none), to look at only what an action adds after it."""
+    with db.read() as session:
+        return int(session.scalar(select(func.coalesce(func.max(Event.id), 0))) or 0)
+
+
+def events_after(db: Database, event_id: int) -> list[EventRow]:
+    """(actor, action, target, details) of every event after `event_id`, oldest first."""
+    with db.read() as session:
+        rows = session.execute(
+            select(Event.actor, Event.action, Event.target, Event.details)
+            .where(Event.id > event_id)
+            .order_by(Event.id)
+        )
+        return [(a, b, c, json.loads(d)) for a, b, c, d in rows]

@@ -4,7 +4,6 @@ through the gateway. Each admin action is exactly one event, by the admin who di
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,27 +25,11 @@ from clawdbot.chain import verify_chain
 from clawdbot.db import Database
 from clawdbot.errors import NotFoundError, UsageError
 from clawdbot.gateway import Finished
-from clawdbot.models import AgentVersion, Conversation, Event, Request, Status, Tool
+from clawdbot.models import AgentVersion, Conversation, Request, Status, Tool
 from clawdbot.runtime import Runtime
 from clawdbot.settings import load_settings
+from tests.helpers import events_after, last_event_id
 from tests.ollama_sim import OllamaSimulator
-
-Row = tuple[str, str, str, dict[str, object]]
-
-
-def last_event_id(db: Database) -> int:
-    with db.read() as session:
-        return int(session.scalar(select(func.coalesce(func.max(Event.id), 0))) or 0)
-
-
-def events_after(db: Database, event_id: int) -> list[Row]:
-    with db.read() as session:
-        rows = session.execute(
-            select(Event.actor, Event.action, Event.target, Event.details)
-            .where(Event.id > event_id)
-            .order_by(Event.id)
-        )
-        return [(a, b, c, json.loads(d)) for a, b, c, d in rows]
 
 
 def by_field(problems: list[Problem]) -> dict[str, list[tuple[str, bool]]]:

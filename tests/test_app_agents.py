@@ -4,42 +4,16 @@ Every action is checked to be exactly one audit event by the admin who clicked."
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any
 
-from sqlalchemy import func, select
 from streamlit.testing.v1 import AppTest
 
 from clawdbot.agents import AgentConfig
-from clawdbot.models import Event, Request, Tool
-from tests.app_helpers import AppHarness
+from clawdbot.models import Request, Tool
+from tests.app_helpers import AppHarness, messages, plain
+from tests.helpers import events_after, last_event_id
 
 ADMIN = "boss"
-
-
-def plain(text: Any) -> str:
-    """An element's text without the Markdown escapes the page adds around names and messages."""
-    return re.sub(r"\\(.)", r"\1", str(text))
-
-
-def messages(elements: Any) -> list[str]:
-    return [plain(e.value) for e in elements]
-
-
-def last_event_id(harness: AppHarness) -> int:
-    with harness.runtime.db.read() as session:
-        return int(session.scalar(select(func.coalesce(func.max(Event.id), 0))) or 0)
-
-
-def events_after(harness: AppHarness, event_id: int) -> list[tuple[str, str, str, dict[str, Any]]]:
-    with harness.runtime.db.read() as session:
-        rows = session.execute(
-            select(Event.actor, Event.action, Event.target, Event.details)
-            .where(Event.id > event_id)
-            .order_by(Event.id)
-        )
-        return [(a, b, c, json.loads(d)) for a, b, c, d in rows]
 
 
 def open_agents(harness: AppHarness) -> AppTest:
@@ -62,7 +36,7 @@ def test_create_an_agent_with_its_settings(app_harness: AppHarness) -> None:
     caption = " ".join(messages(field_box(at, "new", "model").caption))
     assert "qwen3:32b (40960 tokens)" in caption and "llama3.2:1b (131072 tokens)" in caption
 
-    before = last_event_id(app_harness)
+    before = last_event_id(app_harness.runtime.db)
     at.text_input(key="new_name").input("Contract Reviewer")
     at.text_area(key="new_system_prompt").input("Review contracts.")
     at.multiselect(key="new_tools").select("read_document")
@@ -86,7 +60,7 @@ def test_create_an_agent_with_its_settings(app_harness: AppHarness) -> None:
         temperature=0.3,
         think=False,
     )
-    assert events_after(app_harness, before) == [
+    assert events_after(app_harness.runtime.db, before) == [
         (ADMIN, "agent.create", "Contract Reviewer", {"version": 1, "model": "qwen3:32b"})
     ]
     assert at.dataframe[0].value["Name"].tolist() == ["Contract Reviewer"]
@@ -98,7 +72,7 @@ def test_problems_show_under_their_field_and_nothing_is_saved(app_harness: AppHa
     app_harness.runtime.agents.add("setup", "Helper", AgentConfig(model="qwen3:32b"))
     app_harness.sim.add_model("tiny:1b", context_length=2048)
     at = open_agents(app_harness)
-    before = last_event_id(app_harness)
+    before = last_event_id(app_harness.runtime.db)
 
     at.text_input(key="new_name").input("helper")
     at.number_input(key="new_context_budget").set_value(50_000)
@@ -131,7 +105,7 @@ def test_problems_show_under_their_field_and_nothing_is_saved(app_harness: AppHa
     )
 
     assert [a.name for a in app_harness.runtime.agents.all(include_archived=True)] == ["Helper"]
-    assert events_after(app_harness, before) == []
+    assert events_after(app_harness.runtime.db, before) == []
 
 
 def test_a_model_the_server_lacks_is_a_warning_that_does_not_stop_the_save(app_harness: AppHarness) -> None:
@@ -186,17 +160,17 @@ def test_edits_become_versions_with_a_history_of_what_changed(app_harness: AppHa
     prefix = f"a{info.id}v1"
     assert at.text_area(key=f"{prefix}_system_prompt").value == "Read it.\nBe brief."
 
-    before = last_event_id(app_harness)
+    before = last_event_id(app_harness.runtime.db)
     at.button(key=f"{prefix}_save").click().run()
     assert "Nothing changed, so no new version was saved." in messages(at.info)
-    assert events_after(app_harness, before) == []
+    assert events_after(app_harness.runtime.db, before) == []
 
     at.text_area(key=f"{prefix}_system_prompt").input("Read it.\nBe thorough.")
     at.text_input(key=f"{prefix}_model").input("qwen3:0.6b")
     at.button(key=f"{prefix}_save").click().run()
     assert not at.exception, at.exception
     assert messages(at.success) == ["Saved Reviewer as version 2."]
-    assert events_after(app_harness, before) == [
+    assert events_after(app_harness.runtime.db, before) == [
         (ADMIN, "agent.update", "Reviewer", {"version": 2, "changed": ["model", "system_prompt"]})
     ]
     assert [v.config.model for v in agents.versions("Reviewer")] == ["qwen3:32b", "qwen3:0.6b"]
@@ -220,7 +194,7 @@ def test_edits_become_versions_with_a_history_of_what_changed(app_harness: AppHa
     ]
     assert messages(at.expander[1].caption) == ["The first version."]
 
-    before = last_event_id(app_harness)
+    before = last_event_id(app_harness.runtime.db)
     at.button(key="restore_version_1").click().run()
     assert messages(at.success) == ["Saved version 1's settings as version 3."]
     current = agents.get("Reviewer")
@@ -229,7 +203,7 @@ def test_edits_become_versions_with_a_history_of_what_changed(app_harness: AppHa
         "Read it.\nBe brief.",
         "qwen3:32b",
     )
-    assert events_after(app_harness, before) == [
+    assert events_after(app_harness.runtime.db, before) == [
         (
             ADMIN,
             "agent.update",
@@ -245,7 +219,7 @@ def test_archive_restore_and_the_archived_list(app_harness: AppHarness) -> None:
     app_harness.runtime.agents.add("setup", "New", AgentConfig(model="qwen3:32b"))
     at = open_agents(app_harness)
     at.selectbox(key="agent_pick").select("Old").run()
-    before = last_event_id(app_harness)
+    before = last_event_id(app_harness.runtime.db)
     at.button(key="agent_archive").click().run()
     assert messages(at.success) == ["Old is archived."]
     assert app_harness.runtime.agents.get("Old").archived
@@ -259,7 +233,7 @@ def test_archive_restore_and_the_archived_list(app_harness: AppHarness) -> None:
     at.button(key="agent_restore").click().run()
     assert messages(at.success) == ["Old is restored."]
     assert not app_harness.runtime.agents.get("Old").archived
-    assert events_after(app_harness, before) == [
+    assert events_after(app_harness.runtime.db, before) == [
         (ADMIN, "agent.archive", "Old", {}),
         (ADMIN, "agent.restore", "Old", {}),
     ]
@@ -271,12 +245,12 @@ def test_clone_an_agent(app_harness: AppHarness) -> None:
     agents.add("setup", "Taken", AgentConfig(model="qwen3:32b"))
     at = open_agents(app_harness)
     at.selectbox(key="agent_pick").select("Reviewer").run()
-    before = last_event_id(app_harness)
+    before = last_event_id(app_harness.runtime.db)
 
     at.text_input(key=f"a{info.id}_clone_name").input("taken")
     at.button(key="agent_clone").click().run()
     assert "an agent named 'taken' already exists" in messages(at.error)
-    assert events_after(app_harness, before) == []
+    assert events_after(app_harness.runtime.db, before) == []
 
     at.text_input(key=f"a{info.id}_clone_name").input("Reviewer EU")
     at.button(key="agent_clone").click().run()
@@ -284,7 +258,7 @@ def test_clone_an_agent(app_harness: AppHarness) -> None:
     assert at.selectbox(key="agent_pick").value == "Reviewer EU"
     copy = agents.get("Reviewer EU")
     assert (copy.version, copy.config, copy.created_by) == (1, info.config, ADMIN)
-    assert events_after(app_harness, before) == [
+    assert events_after(app_harness.runtime.db, before) == [
         (ADMIN, "agent.clone", "Reviewer EU", {"version": 1, "source": "Reviewer", "source_version": 1})
     ]
 
@@ -295,11 +269,11 @@ def test_the_try_box_runs_the_unsaved_settings_through_the_gateway(app_harness: 
     at = open_agents(app_harness)
     at.selectbox(key="agent_pick").select("Helper").run()
     prefix = f"a{info.id}v1"
-    before = last_event_id(app_harness)
+    before = last_event_id(app_harness.runtime.db)
 
     at.button(key=f"{prefix}_try").click().run()
     assert "Type a message to try the agent with." in messages(at.error)
-    assert events_after(app_harness, before) == []
+    assert events_after(app_harness.runtime.db, before) == []
 
     app_harness.sim.script("Unsaved answer.")
     at.text_area(key=f"{prefix}_system_prompt").input("Not saved yet.")
@@ -314,7 +288,7 @@ def test_the_try_box_runs_the_unsaved_settings_through_the_gateway(app_harness: 
     body = app_harness.sim.requests[-1]["body"]
     assert body["model"] == "qwen3:0.6b"
     assert body["messages"][0] == {"role": "system", "content": "Not saved yet."}
-    (event,) = events_after(app_harness, before)
+    (event,) = events_after(app_harness.runtime.db, before)
     assert event[:3] == (ADMIN, "agent.try", "Helper")
     assert event[3]["status"] == "ok"
     with app_harness.runtime.db.read() as session:
@@ -333,7 +307,7 @@ def test_the_try_box_runs_the_unsaved_settings_through_the_gateway(app_harness: 
 
 def test_a_new_draft_can_be_tried_before_it_has_a_name(app_harness: AppHarness) -> None:
     at = open_agents(app_harness)
-    before = last_event_id(app_harness)
+    before = last_event_id(app_harness.runtime.db)
     at.text_area(key="new_try_prompt").input("Hi")
     at.number_input(key="new_context_budget").set_value(100)
     at.button(key="new_try").click().run()
@@ -341,11 +315,11 @@ def test_a_new_draft_can_be_tried_before_it_has_a_name(app_harness: AppHarness) 
         "the context budget must be from 256 to 1000000 tokens"
     ]
     assert "Not tried: fix the fields marked above." in messages(at.error)
-    assert events_after(app_harness, before) == []
+    assert events_after(app_harness.runtime.db, before) == []
 
     at.number_input(key="new_context_budget").set_value(4096)
     at.button(key="new_try").click().run()
     assert not field_box(at, "new", "name").error
-    (event,) = events_after(app_harness, before)
+    (event,) = events_after(app_harness.runtime.db, before)
     assert event[:3] == (ADMIN, "agent.try", "(unsaved agent)")
     assert app_harness.runtime.agents.all(include_archived=True) == []

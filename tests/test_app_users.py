@@ -4,41 +4,13 @@ and the refusals of the guard rails. Every action is exactly one audit event by 
 
 from __future__ import annotations
 
-import json
-import re
-from typing import Any
-
-from sqlalchemy import func, select
 from streamlit.testing.v1 import AppTest
 
-from clawdbot.models import Event, Role
-from tests.app_helpers import PASSWORD, AppHarness
+from clawdbot.models import Role
+from tests.app_helpers import PASSWORD, AppHarness, messages
+from tests.helpers import events_after, last_event_id
 
 ADMIN = "boss"
-
-
-def plain(text: Any) -> str:
-    """An element's text without the Markdown escapes the page adds around names and messages."""
-    return re.sub(r"\\(.)", r"\1", str(text))
-
-
-def messages(elements: Any) -> list[str]:
-    return [plain(e.value) for e in elements]
-
-
-def last_event_id(harness: AppHarness) -> int:
-    with harness.runtime.db.read() as session:
-        return int(session.scalar(select(func.coalesce(func.max(Event.id), 0))) or 0)
-
-
-def events_after(harness: AppHarness, event_id: int) -> list[tuple[str, str, str, dict[str, Any]]]:
-    with harness.runtime.db.read() as session:
-        rows = session.execute(
-            select(Event.actor, Event.action, Event.target, Event.details)
-            .where(Event.id > event_id)
-            .order_by(Event.id)
-        )
-        return [(a, b, c, json.loads(d)) for a, b, c, d in rows]
 
 
 def open_users(harness: AppHarness) -> AppTest:
@@ -71,7 +43,7 @@ def test_the_list_shows_roles_state_and_last_sign_in(app_harness: AppHarness) ->
 
 def test_add_a_user_and_see_the_one_time_password_once(app_harness: AppHarness) -> None:
     at = open_users(app_harness)
-    before = last_event_id(app_harness)
+    before = last_event_id(app_harness.runtime.db)
     at.text_input(key="add_name").input("newbie")
     at.multiselect(key="add_roles").select("auditor")
     at.button(key="add_user_submit").click().run()
@@ -83,7 +55,7 @@ def test_add_a_user_and_see_the_one_time_password_once(app_harness: AppHarness) 
     user = app_harness.runtime.users.authenticate("newbie", password)
     assert user is not None and user.must_change_password
     assert user.roles == frozenset({Role.STAFF, Role.AUDITOR})
-    assert events_after(app_harness, before) == [
+    assert events_after(app_harness.runtime.db, before) == [
         (ADMIN, "user.create", "newbie", {"roles": ["auditor", "staff"]})
     ]
     assert at.text_input(key="add_name").value == ""
@@ -97,7 +69,7 @@ def test_add_a_user_and_see_the_one_time_password_once(app_harness: AppHarness) 
 def test_adding_a_bad_or_taken_name_is_refused_at_the_form(app_harness: AppHarness) -> None:
     app_harness.user("erin", "staff")
     at = open_users(app_harness)
-    before = last_event_id(app_harness)
+    before = last_event_id(app_harness.runtime.db)
     at.text_input(key="add_name").input("erin")
     at.button(key="add_user_submit").click().run()
     assert messages(at.error) == ["a user named 'erin' already exists"]
@@ -105,18 +77,20 @@ def test_adding_a_bad_or_taken_name_is_refused_at_the_form(app_harness: AppHarne
     at.button(key="add_user_submit").click().run()
     assert messages(at.error)[0].startswith("invalid user name 'no spaces allowed'")
     assert not at.code
-    assert events_after(app_harness, before) == []
+    assert events_after(app_harness.runtime.db, before) == []
 
 
 def test_set_roles(app_harness: AppHarness) -> None:
     app_harness.user("erin", "staff")
     at = manage(open_users(app_harness), "erin")
-    before = last_event_id(app_harness)
+    before = last_event_id(app_harness.runtime.db)
     at.multiselect(key="roles:erin").select("auditor").unselect("staff")
     at.button(key="save_roles").click().run()
     assert messages(at.success) == ["Roles of erin saved."]
     assert app_harness.runtime.users.get("erin").roles == frozenset({Role.AUDITOR})
-    assert events_after(app_harness, before) == [(ADMIN, "user.roles", "erin", {"roles": ["auditor"]})]
+    assert events_after(app_harness.runtime.db, before) == [
+        (ADMIN, "user.roles", "erin", {"roles": ["auditor"]})
+    ]
 
 
 def test_disabling_signs_the_user_out_at_once_and_enabling_lets_them_sign_in_again(
@@ -127,7 +101,7 @@ def test_disabling_signs_the_user_out_at_once_and_enabling_lets_them_sign_in_aga
     assert erin.title[0].value == "Account"
 
     at = manage(open_users(app_harness), "erin")
-    before = last_event_id(app_harness)
+    before = last_event_id(app_harness.runtime.db)
     at.button(key="disable_user").click().run()
     assert messages(at.success) == ["erin is disabled and signed out everywhere."]
     assert app_harness.runtime.users.get("erin").disabled
@@ -140,7 +114,7 @@ def test_disabling_signs_the_user_out_at_once_and_enabling_lets_them_sign_in_aga
     erin.run()
     assert signed_out(erin)  # the old session stays ended
     assert app_harness.open("erin", "account").title[0].value == "Account"
-    assert [(a, b, c) for a, b, c, _ in events_after(app_harness, before)] == [
+    assert [(a, b, c) for a, b, c, _ in events_after(app_harness.runtime.db, before)] == [
         (ADMIN, "user.disable", "erin"),
         (ADMIN, "user.enable", "erin"),
         ("erin", "auth.sign_in", "erin"),
@@ -151,7 +125,7 @@ def test_reset_password_shows_a_new_one_time_password_once(app_harness: AppHarne
     app_harness.user("erin", "staff")
     erin = app_harness.open("erin", "account")
     at = manage(open_users(app_harness), "erin")
-    before = last_event_id(app_harness)
+    before = last_event_id(app_harness.runtime.db)
     at.button(key="reset_password").click().run()
     shown = at.get_by_key("one_time_password")
     (password,) = [c.value for c in shown.code]
@@ -159,7 +133,9 @@ def test_reset_password_shows_a_new_one_time_password_once(app_harness: AppHarne
     assert app_harness.runtime.users.authenticate("erin", PASSWORD) is None
     fresh = app_harness.runtime.users.authenticate("erin", password)
     assert fresh is not None and fresh.must_change_password
-    assert events_after(app_harness, before) == [(ADMIN, "user.password", "erin", {"one_time": True})]
+    assert events_after(app_harness.runtime.db, before) == [
+        (ADMIN, "user.password", "erin", {"one_time": True})
+    ]
     erin.run()
     assert signed_out(erin)
     at.run()
@@ -168,7 +144,7 @@ def test_reset_password_shows_a_new_one_time_password_once(app_harness: AppHarne
 
 def test_guard_rails_refuse_with_a_clear_message_and_no_event(app_harness: AppHarness) -> None:
     at = manage(open_users(app_harness), ADMIN)
-    before = last_event_id(app_harness)
+    before = last_event_id(app_harness.runtime.db)
 
     at.button(key="disable_user").click().run()
     assert messages(at.error) == ["you cannot disable your own account: another admin must do it"]
@@ -184,6 +160,6 @@ def test_guard_rails_refuse_with_a_clear_message_and_no_event(app_harness: AppHa
 
     me = app_harness.runtime.users.get(ADMIN)
     assert not me.disabled and me.roles == frozenset({Role.ADMIN, Role.STAFF})
-    assert events_after(app_harness, before) == []
+    assert events_after(app_harness.runtime.db, before) == []
     at.run()
     assert not at.error  # a refusal is said once

@@ -3,7 +3,6 @@ disabling ends sessions for good, resets are one-time, and each admin action is 
 
 from __future__ import annotations
 
-import json
 import threading
 from datetime import timedelta
 
@@ -15,26 +14,10 @@ from clawdbot.db import Database
 from clawdbot.errors import UsageError
 from clawdbot.models import Event, Role, utcnow
 from clawdbot.users import Users
+from tests.helpers import events_after, last_event_id
 
 PASSWORD = "correct horse battery"
 SECRET = "s" * 40
-
-Row = tuple[str, str, str, dict[str, object]]
-
-
-def last_event_id(db: Database) -> int:
-    with db.read() as session:
-        return int(session.scalar(select(func.coalesce(func.max(Event.id), 0))) or 0)
-
-
-def events_after(db: Database, event_id: int) -> list[Row]:
-    with db.read() as session:
-        rows = session.execute(
-            select(Event.actor, Event.action, Event.target, Event.details)
-            .where(Event.id > event_id)
-            .order_by(Event.id)
-        )
-        return [(a, b, c, json.loads(d)) for a, b, c, d in rows]
 
 
 @pytest.fixture
