@@ -26,10 +26,11 @@ Three counters behind one `TokenCounter` protocol, picked by `counter_for(model,
   message, the tool block and the prompt get a fixed allowance for role markers, the tool preamble,
   BOS and generation prompt (CJK text: 3 bytes a character, so 1-3x the truth; emoji 4 bytes).
 
-The templates themselves are rendered by `clawdbot.qwen_template`. Counting is cached per rendered message: a conversation's rendering is cut into pieces that each begin
-or end at a special token (so BPE never merges across the cut and the pieces' counts add up exactly to
-the whole), and each piece's count is kept in an LRU keyed by a hash of (counter, piece text). So
-counting turn 200 of a conversation tokenizes only what changed since turn 199.
+The templates themselves are rendered by `clawdbot.qwen_template`. Counting is cached per rendered message:
+a conversation's rendering is cut into pieces that each begin or end at a special token (so BPE never merges
+across the cut and the pieces' counts add up exactly to the whole), and each piece's count is kept in an LRU
+keyed by a hash of (counter, piece text). So counting turn 200 of a conversation tokenizes only what changed
+since turn 199.
 """
 
 from __future__ import annotations
