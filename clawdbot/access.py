@@ -28,6 +28,7 @@ PAGES: tuple[PageAccess, ...] = (
     PageAccess("chat", "Chat", ":material/chat:", frozenset({Role.STAFF})),
     PageAccess("agents", "Agents", ":material/smart_toy:", frozenset({Role.ADMIN})),
     PageAccess("users", "Users", ":material/group:", frozenset({Role.ADMIN})),
+    PageAccess("dashboard", "Dashboard", ":material/monitoring:", frozenset({Role.ADMIN})),
     PageAccess("audit", "Audit", ":material/policy:", frozenset({Role.AUDITOR})),
     PageAccess("account", "Account", ":material/person:", ANY_ROLE),
 )

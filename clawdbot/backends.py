@@ -452,6 +452,22 @@ class OllamaBackend:
             for m in running
         ]
 
+    def load_model(self, model: str, keep_alive: str | None = None) -> None:
+        """Load `model` into memory now (/api/generate without a prompt), kept `keep_alive` (default: ours)."""
+        try:
+            self._client.generate(
+                model=model, keep_alive=keep_alive if keep_alive is not None else self.keep_alive
+            )
+        except Exception as exc:
+            raise self._translate(exc, model) from exc
+
+    def unload_model(self, model: str) -> None:
+        """Free `model`'s memory now (`keep_alive` 0), whatever its keep-alive was."""
+        try:
+            self._client.generate(model=model, keep_alive=0)
+        except Exception as exc:
+            raise self._translate(exc, model) from exc
+
     def version(self) -> str:
         """The server's version (/api/version)."""
         try:

@@ -46,6 +46,9 @@ def _gpu() -> dict[str, Any]:
             "memory_used": g.memory_used,
             "memory_total": g.memory_total,
             "utilization_pct": g.utilization_pct,
+            "temperature_c": g.temperature_c,
+            "power_w": g.power_w,
+            "power_limit_w": g.power_limit_w,
         }
         for g in status.gpus
     ]

@@ -230,6 +230,8 @@ class Request(Base):
         {"sqlite_autoincrement": True},
     )
 
+        # The dashboard's rollups and "refused in the last minute" read requests by when they finished.
+        Index("ix_requests_finished_at", "finished_at"),
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
@@ -341,3 +343,67 @@ class ApiKey(Base):
     last_used_ip: Mapped[str] = mapped_column(String(64), default="")
     revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
     revoked_by: Mapped[str] = mapped_column(String(64), default="")
+
+
+class RequestRollup(Base):
+    """Finished requests counted per time bucket, agent, model and status, for the dashboard's traffic charts.
+
+    Rebuilt from `requests` by `clawdbot.rollups` (never by hand); `bucket_s` is the bucket's width (60, 600 or
+    3600 s), so a chart over a week reads 168 hourly buckets instead of 10,080 minutes.
+    """
+
+    __tablename__ = "request_rollups"
+
+    bucket_s: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bucket_start: Mapped[datetime] = mapped_column(primary_key=True)
+    agent: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    requests: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)
+
+
+class TimingRollup(Base):
+    """Timings of the requests that finished in one time bucket: counts, sums and log-bucket histograms.
+
+    Histograms (JSON objects of bucket index to count, see `clawdbot.rollups.Histogram`) merge by adding, so
+    percentiles over any set of buckets come from a few hundred rows whatever the number of requests.
+    """
+
+    __tablename__ = "timing_rollups"
+
+    bucket_s: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bucket_start: Mapped[datetime] = mapped_column(primary_key=True)
+    requests: Mapped[int] = mapped_column(Integer)
+    ok: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)
+    latency_ms: Mapped[str] = mapped_column(Text, default="{}")
+    ttft_ms: Mapped[str] = mapped_column(Text, default="{}")
+    tokens_per_s: Mapped[str] = mapped_column(Text, default="{}")
+
+
+class RollupState(Base):
+    """How far the rollups have read: the highest chain position (`requests.seq`) already counted."""
+
+    __tablename__ = "rollup_state"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class MetricSample(Base):
+    """One minute of one sampled figure (GPU memory, queue length…) from one process: mean and peak.
+
+    `source` is the process (host:pid) for gateway figures, since each process has its own gateway; GPU
+    figures from several processes on one host are the same device read twice, and the reader takes the max.
+    """
+
+    __tablename__ = "metric_samples"
+    __table_args__ = (Index("ix_metric_samples_at", "at"),)
+
+    metric: Mapped[str] = mapped_column(String(64), primary_key=True)
+    at: Mapped[datetime] = mapped_column(primary_key=True)
+    source: Mapped[str] = mapped_column(String(200), primary_key=True)
+    mean: Mapped[float] = mapped_column(Float)
+    peak: Mapped[float] = mapped_column(Float)

@@ -21,6 +21,7 @@ from clawdbot.db import Database
 from clawdbot.gateway import Gateway
 from clawdbot.gpu import VramGuard
 from clawdbot.ratelimit import RateLimiter
+from clawdbot.sampler import Sampler
 from clawdbot.settings import Settings, load_settings
 from clawdbot.users import Users
 
@@ -76,7 +77,14 @@ class Runtime:
     def chat(self) -> ChatService:
         return ChatService(self.agents, self.conversations, self.gateway)
 
+    @cached_property
+    def sampler(self) -> Sampler:
+        """The dashboard's background sampler; created here, started only by the server's shared runtime."""
+        return Sampler(self.db, self.gateway)
+
     def close(self) -> None:
+        if "sampler" in self.__dict__:
+            self.sampler.stop()
         if "gateway" in self.__dict__:
             self.gateway.backends.close()
             self.gateway.limiter.close()
@@ -99,6 +107,8 @@ def shared_runtime() -> Runtime:
     with _shared_lock:
         if _shared is None:
             _shared = Runtime.open()
+            # One sampler per server process, from its start, so the dashboard has history nobody watched.
+            _shared.sampler.start()
         return _shared
 
 
