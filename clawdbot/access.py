@@ -31,6 +31,7 @@ PAGES: tuple[PageAccess, ...] = (
     PageAccess("dashboard", "Dashboard", ":material/monitoring:", frozenset({Role.ADMIN})),
     PageAccess("audit", "Audit", ":material/policy:", frozenset({Role.AUDITOR})),
     PageAccess("account", "Account", ":material/person:", ANY_ROLE),
+    PageAccess("api-keys", "API keys", ":material/key:", ANY_ROLE),
 )
 PAGES_BY_PATH = {page.url_path: page for page in PAGES}
 

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from clawdbot.auth import SESSION_COOKIE, SESSION_LIFETIME, SignInRefusedError
 from clawdbot.errors import ClawdbotError
 from clawdbot.health import check_health
+from clawdbot.openai_api import API_PREFIX, openai_routes
 from clawdbot.runtime import Runtime
 
 CSRF_COOKIE = "clawdbot_csrf"
@@ -198,6 +199,9 @@ class SignInRedirectMiddleware:
         if (
             request.method == "GET"
             and _PAGE_PATH.match(path)
+            # the HTTP API checks each request's key itself and answers JSON 401, never a redirect
+            and path != API_PREFIX
+            and not path.startswith(API_PREFIX + "/")
             and path.rstrip("/") not in OPEN_PATHS
             # with single sign-on the app itself starts `st.login` (?sso=) and checks Streamlit's identity
             and not (self.sso and ("sso" in request.query_params or SSO_COOKIE in request.cookies))
@@ -245,7 +249,7 @@ def health_route(runtime: RuntimeSource) -> BaseRoute:
 
 def routes(runtime: RuntimeSource, sso_providers: Sequence[str] = ()) -> list[BaseRoute]:
     """Every HTTP route clawdbot adds beside the Streamlit UI."""
-    return [*sign_in_routes(runtime, sso_providers), health_route(runtime)]
+    return [*sign_in_routes(runtime, sso_providers), health_route(runtime), *openai_routes(runtime)]
 
 
 def middleware(runtime: RuntimeSource, sso: bool = False) -> list[Middleware]:
