@@ -6,8 +6,8 @@ stores the turn in the conversation, including a partial answer when the person 
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from dataclasses import dataclass
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from clawdbot.agents import NAME_PATTERN, UNSAVED_AGENT, AgentConfig, AgentInfo, Agents, first_blocking
@@ -15,6 +15,9 @@ from clawdbot.backends import ContentDelta, ThinkingDelta, ToolCall
 from clawdbot.conversations import Conversations, StoredMessage
 from clawdbot.errors import UsageError
 from clawdbot.gateway import ChatRequest, ContextPlanned, Finished, Gateway, GatewayEvent, Queued, Started
+from clawdbot.http_tools import HttpTools
+from clawdbot.outbound import OutboundPolicy
+from clawdbot.tools import Toolbox, ToolResult
 
 MAX_PROMPT_CHARS = 200_000
 
@@ -28,10 +31,33 @@ class TurnStarted:
 
 
 class ChatService:
-    def __init__(self, agents: Agents, conversations: Conversations, gateway: Gateway) -> None:
+    def __init__(
+        self,
+        agents: Agents,
+        conversations: Conversations,
+        gateway: Gateway,
+        http_tools: HttpTools | None = None,
+    ) -> None:
         self.agents = agents
         self.conversations = conversations
         self.gateway = gateway
+        allowlist = gateway.settings.allowlisted_hosts
+        self.http_tools = http_tools or HttpTools(agents.db, allowlist)
+        self.outbound = OutboundPolicy(allowlist)
+
+    def _with_tools(self, request: ChatRequest, names: Sequence[str]) -> ChatRequest:
+        """The request with the agent's tools the gateway runs (those that fit its attachments), if any."""
+        if not names:
+            return request
+        toolbox = Toolbox.for_agent(
+            names,
+            documents=request.documents,
+            http=self.http_tools.enabled(list(names)),
+            policy=self.outbound,
+        )
+        if not toolbox:
+            return request
+        return replace(request, tools=toolbox.schemas(), toolbox=toolbox)
 
     def turn(
         self,
@@ -80,6 +106,7 @@ class ChatService:
             temperature=config.temperature,
             top_p=config.top_p,
         )
+        request = self._with_tools(request, config.tools)
         problem = _check_prompt(prompt)
         if problem:
             yield self.gateway.reject(request, problem)
@@ -93,6 +120,7 @@ class ChatService:
         content: list[str] = []
         thinking: list[str] = []
         tool_calls: list[dict[str, Any]] = []
+        tool_results: list[ToolResult] = []
         request_id: int | None = None
         events = self.gateway.stream(request)
         try:
@@ -103,8 +131,12 @@ class ChatService:
                     thinking.append(event.text)
                 elif isinstance(event, ToolCall):
                     tool_calls.append({"name": event.name, "arguments": event.arguments})
+                elif isinstance(event, ToolResult):
+                    tool_results.append(event)
                 elif isinstance(event, Started | Queued | Finished):
                     request_id = event.request_id
+                if isinstance(event, Finished) and event.tool_calls:
+                    tool_calls = event.tool_calls  # as recorded: with results, durations and errors
                 yield event
         finally:
             # Closed first, so the record is finalized (`cancelled` when the caller stopped) before the turn is
@@ -112,13 +144,16 @@ class ChatService:
             events.close()
             # Kept also when the caller stopped half-way: the partial answer belongs to the conversation.
             if content or thinking or tool_calls:
+                if tool_results and len(tool_results) == len(tool_calls):  # stopped before `Finished`
+                    tool_calls = [r.record() for r in tool_results]
+                charts = [r.chart.to_json() for r in tool_results if r.chart is not None]
                 self.conversations.append(
                     conversation_id,
                     user,
                     [
                         StoredMessage("user", prompt, "", [], request_id),
                         StoredMessage(
-                            "assistant", "".join(content), "".join(thinking), tool_calls, request_id
+                            "assistant", "".join(content), "".join(thinking), tool_calls, request_id, charts
                         ),
                     ],
                 )
@@ -156,6 +191,7 @@ class ChatService:
             temperature=config.temperature,
             top_p=config.top_p,
         )
+        request = self._with_tools(request, config.tools)
         rejected = _check_prompt(prompt)
         if rejected:
             finished = self.gateway.reject(request, rejected)

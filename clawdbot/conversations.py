@@ -7,7 +7,7 @@ of its requests stay untouched.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -35,12 +35,18 @@ class StoredMessage:
     thinking: str
     tool_calls: list[dict[str, Any]]
     request_id: int | None
+    charts: list[dict[str, Any]] = field(default_factory=list)
+    """Charts tools drew for this answer, as `clawdbot.charts.Chart.to_json()` made them."""
 
     def for_model(self) -> dict[str, Any]:
         """The message as sent back to the model in later turns (thinking is not resent)."""
         message: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.tool_calls:
-            message["tool_calls"] = [{"function": call} for call in self.tool_calls]
+            # Only what the model sent: the record's result, duration and error stay out of later prompts.
+            message["tool_calls"] = [
+                {"function": {"name": call.get("name", ""), "arguments": call.get("arguments", {})}}
+                for call in self.tool_calls
+            ]
         return message
 
 
@@ -63,6 +69,12 @@ class TranscriptEntry:
 
     message: StoredMessage
     figures: AnswerFigures | None
+
+
+def _stored(m: Message) -> StoredMessage:
+    return StoredMessage(
+        m.role, m.content, m.thinking, json.loads(m.tool_calls), m.request_id, json.loads(m.charts)
+    )
 
 
 class Conversations:
@@ -104,10 +116,7 @@ class Conversations:
             rows = session.scalars(
                 select(Message).where(Message.conversation_id == conversation_id).order_by(Message.id)
             )
-            return [
-                StoredMessage(m.role, m.content, m.thinking, json.loads(m.tool_calls), m.request_id)
-                for m in rows
-            ]
+            return [_stored(m) for m in rows]
 
     def append(self, conversation_id: int, user: str, messages: list[StoredMessage]) -> None:
         """Add the messages of one turn together, so a conversation never holds half a turn."""
@@ -122,6 +131,7 @@ class Conversations:
                         thinking=m.thinking.replace("\x00", "\ufffd"),
                         tool_calls=json.dumps(m.tool_calls, ensure_ascii=False),
                         request_id=m.request_id,
+                        charts=json.dumps(m.charts, ensure_ascii=False),
                     )
                 )
             if not conversation.title and messages:
@@ -156,7 +166,7 @@ class Conversations:
             )
             entries = []
             for m, status, model_used, ttft_ms, tokens_per_s, completion, dropped, truncated in rows:
-                message = StoredMessage(m.role, m.content, m.thinking, json.loads(m.tool_calls), m.request_id)
+                message = _stored(m)
                 figures = None
                 if m.role == "assistant" and status is not None:
                     figures = AnswerFigures(

@@ -33,17 +33,23 @@ from clawdbot.backends import (
     ThinkingDelta,
     ToolCall,
 )
-from clawdbot.context import ContextPlan, plan_context
+from clawdbot.context import ContextPlan, cut_text, plan_context
 from clawdbot.documents import Document
 from clawdbot.errors import BusyError, ClawdbotError, RateLimitedError
 from clawdbot.models import Status
 from clawdbot.ratelimit import RateLimiter
 from clawdbot.settings import Settings
 from clawdbot.tokens import counter_for
+from clawdbot.tools import Toolbox, ToolResult
 
 log = logging.getLogger(__name__)
 
 RETRY_DELAY_S = 0.5
+MAX_TOOL_ROUNDS = 5
+"""Rounds of tool calls one request may run; after them the model is asked once more, without tools, to answer."""
+TOOL_RESULT_CUT = "\n[… the rest of this result was cut to fit the context budget: ask for less …]"
+# A tool result given less room than this is replaced by a short note rather than cut to nothing useful.
+MIN_TOOL_RESULT_TOKENS = 48
 QUEUE_REPORT_INTERVAL_S = 0.2
 
 
@@ -72,6 +78,9 @@ class ChatRequest:
     """The attachments' extracted content, for tools such as `read_document` and `query_table`."""
     audit: dict[str, Any] = field(default_factory=dict)
     """Further record fields the caller computed (token counts and truncation from context planning)."""
+    toolbox: Toolbox | None = None
+    """Tools the gateway runs itself when the model asks (`tools` are then their schemas); without it, tool
+    calls are only passed on to the caller (the HTTP API's clients run their own tools)."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +152,7 @@ class Finished:
 
 
 GatewayEvent: TypeAlias = (
-    ContextPlanned | Queued | Started | ThinkingDelta | ContentDelta | ToolCall | Finished
+    ContextPlanned | Queued | Started | ThinkingDelta | ContentDelta | ToolCall | ToolResult | Finished
 )
 
 
@@ -165,6 +174,10 @@ class _Attempt:
         self.plan: ContextPlan | None = None
         self.plan_backend = ""
         self.replanned = False
+        self.tool_rounds = 0
+        self.sent: list[dict[str, Any]] | None = None
+        """The messages of the last model call, when tool rounds made them grow beyond the plan."""
+        self.sent_tokens: int | None = None
 
 
 class Gateway:
@@ -252,13 +265,17 @@ class Gateway:
             **fields,
         )
 
-    def _plan(self, request: ChatRequest, backend: Backend) -> ContextPlan:
-        """Fit the messages into the budget, counted with the tokenizer of the model that will read them."""
-        counter = counter_for(request.model, backend.name, model_path=self.settings.embedded_model or None)
+    def _budget(self, request: ChatRequest, backend: Backend) -> int:
         budget = request.context_budget
         if backend.name == "embedded":
             output = min(request.max_output_tokens, EMBEDDED_MAX_OUTPUT_TOKENS)
             budget = min(budget, EMBEDDED_DEFAULT_N_CTX - output)
+        return budget
+
+    def _plan(self, request: ChatRequest, backend: Backend) -> ContextPlan:
+        """Fit the messages into the budget, counted with the tokenizer of the model that will read them."""
+        counter = counter_for(request.model, backend.name, model_path=self.settings.embedded_model or None)
+        budget = self._budget(request, backend)
         messages = request.messages
         system = messages[0] if messages and messages[0].get("role") == "system" else None
         rest = messages[1:] if system is not None else messages
@@ -297,7 +314,7 @@ class Gateway:
                     # backend failure like any other (retries, fallback, exit 5), not an internal error.
                     state.model_used = self._model_name(backend, model)
                     yield Started(request_id, state.backend, state.model_used)
-                    yield from self._stream_once(backend, model, request, state)
+                    yield from self._converse(backend, model, request, state)
                     return {"status": Status.OK}
                 except BackendTimeout as exc:
                     return {"status": Status.TIMEOUT, "message": self._partial(exc.message, state)}
@@ -328,13 +345,92 @@ class Gateway:
             "message": f"{detail} (after {state.retries} retries{tried})",
         }
 
-    def _stream_once(
+    def _converse(
         self, backend: Backend, model: str, request: ChatRequest, state: _Attempt
     ) -> Generator[GatewayEvent, None, None]:
+        """Stream the answer; while the model asks for tools the request's toolbox has, run them and ask again.
+
+        All rounds belong to this one request: one audit record, and the admission slot is held throughout.
+        At most MAX_TOOL_ROUNDS rounds run tools; then the model is asked without tools, so it must answer.
+        """
+        messages = list(state.plan.messages if state.plan is not None else request.messages)
+        toolbox = request.toolbox
+        state.started_at = time.perf_counter()
+        for round_number in range(MAX_TOOL_ROUNDS + 1):
+            last = round_number == MAX_TOOL_ROUNDS
+            tools = None if toolbox is not None and last else request.tools
+            content_from = len(state.content)
+            asked = yield from self._stream_once(backend, model, request, state, messages, tools)
+            if toolbox is None or not asked:
+                return
+            if last:
+                for index, _call in asked:
+                    state.tool_calls[index]["error"] = (
+                        f"not run: a request may run tools in at most {MAX_TOOL_ROUNDS} rounds"
+                    )
+                return
+            state.tool_rounds += 1
+            results: list[ToolResult] = []
+            for index, call in asked:
+                result = toolbox.call(call.name, call.arguments)
+                state.tool_calls[index] = result.record()
+                results.append(result)
+                yield result
+            messages = self._with_results(
+                backend, request, messages, "".join(state.content[content_from:]), results, tools
+            )
+            state.sent = messages
+
+    def _with_results(
+        self,
+        backend: Backend,
+        request: ChatRequest,
+        messages: list[dict[str, Any]],
+        content: str,
+        results: list[ToolResult],
+        tools: list[dict[str, Any]] | None,
+    ) -> list[dict[str, Any]]:
+        """The messages for the next round: the assistant's calls, then each result, cut to fit the budget."""
+        counter = counter_for(request.model, backend.name, model_path=self.settings.embedded_model or None)
+        calls = [{"function": {"name": r.name, "arguments": r.arguments}} for r in results]
+        said: dict[str, Any] = (
+            {"content": content} if content else {}
+        )  # as the client sends it: no empty text
+        grown = [*messages, {"role": "assistant", **said, "tool_calls": calls}]
+        room = self._budget(request, backend) - counter.count_messages(grown, tools)
+        for position, result in enumerate(results):
+            message = {"role": "tool", "content": result.content, "tool_name": result.name}
+            share = room // (len(results) - position)
+            size = counter.count_message(message)
+            if size > share:
+                overhead = counter.count_message({**message, "content": ""}) + counter.count_text(
+                    TOOL_RESULT_CUT
+                )
+                if share - overhead < MIN_TOOL_RESULT_TOKENS:
+                    message["content"] = (
+                        "error: the result does not fit in the context budget left; ask for less"
+                    )
+                else:
+                    message["content"] = cut_text(counter, result.content, share - overhead) + TOOL_RESULT_CUT
+                size = counter.count_message(message)
+            room -= size
+            grown.append(message)
+        return grown
+
+    def _stream_once(
+        self,
+        backend: Backend,
+        model: str,
+        request: ChatRequest,
+        state: _Attempt,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+    ) -> Generator[GatewayEvent, None, list[tuple[int, ToolCall]]]:
+        """One model call; returns the tool calls it asked for, with their places in `state.tool_calls`."""
         call = ModelCall(
             model=model,
-            messages=state.plan.messages if state.plan is not None else request.messages,
-            tools=request.tools,
+            messages=messages,
+            tools=tools,
             think=request.think,
             num_ctx=request.context_budget + request.max_output_tokens,
             num_predict=request.max_output_tokens,
@@ -342,7 +438,12 @@ class Gateway:
             top_p=request.top_p,
             keep_alive=self.settings.keep_alive,
         )
-        state.started_at = time.perf_counter()
+        if state.sent is not None:
+            counter = counter_for(
+                request.model, backend.name, model_path=self.settings.embedded_model or None
+            )
+            state.sent_tokens = counter.count_messages(messages, tools)
+        asked: list[tuple[int, ToolCall]] = []
         events = backend.stream(call)
         try:
             for event in events:
@@ -351,9 +452,10 @@ class Gateway:
                 elif isinstance(event, ThinkingDelta):
                     state.thinking.append(event.text)
                 elif isinstance(event, ToolCall):
+                    asked.append((len(state.tool_calls), event))
                     state.tool_calls.append({"name": event.name, "arguments": event.arguments})
                 else:
-                    state.done = event
+                    state.done = _add_rounds(state.done, event) if state.tool_rounds else event
                     continue
                 state.deltas += 1
                 if state.first_token_at is None:
@@ -361,6 +463,7 @@ class Gateway:
                 yield event
         finally:
             events.close()
+        return asked
 
     @staticmethod
     def _model_name(backend: Backend, model: str) -> str:
@@ -381,7 +484,7 @@ class Gateway:
         in the log, and flagged in the record as `server_truncated`)."""
         if server_count is None or state.plan is None or state.backend != "ollama":
             return False
-        ours = state.plan.tokens_after
+        ours = state.sent_tokens if state.sent_tokens is not None else state.plan.tokens_after
         num_ctx = request.context_budget + request.max_output_tokens
         if server_count > ours * 1.05 + 16 or server_count >= num_ctx - 16:
             log.warning(
@@ -437,6 +540,9 @@ class Gateway:
         replanned: dict[str, Any] = {}
         if state.replanned and state.plan is not None:
             replanned = {"context": to_json(state.plan.messages), **state.plan.audit_fields()}
+        if state.sent is not None:
+            # Tool rounds sent more than the plan: the record keeps the last (longest) list, as sent.
+            replanned.update(context=to_json(state.sent), prompt_tokens=state.sent_tokens)
         try:
             self.store.finish_request(
                 request_id,
@@ -462,3 +568,21 @@ class Gateway:
             # The record stays `started`; the next start-up marks it abandoned, so it is never lost.
             log.exception("request %d could not be finalized in the audit log", request_id)
         return finished
+
+
+def _add_rounds(before: Done | None, now: Done) -> Done:
+    """The figures of a request with tool rounds: tokens and time generated added up, the last prompt count."""
+    if before is None:
+        return now
+
+    def total(a: int | None, b: int | None) -> int | None:
+        return None if a is None and b is None else (a or 0) + (b or 0)
+
+    return Done(
+        prompt_eval_count=now.prompt_eval_count,
+        eval_count=total(before.eval_count, now.eval_count),
+        eval_duration_ns=total(before.eval_duration_ns, now.eval_duration_ns),
+        prompt_eval_duration_ns=total(before.prompt_eval_duration_ns, now.prompt_eval_duration_ns),
+        total_duration_ns=total(before.total_duration_ns, now.total_duration_ns),
+        done_reason=now.done_reason,
+    )

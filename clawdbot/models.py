@@ -194,6 +194,9 @@ class Message(Base):
         ForeignKey("requests.id", ondelete="SET NULL"), nullable=True, index=True
     )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # JSON list of the charts tools drew for this answer, each {"title", "kind", "figure"} (Plotly figure JSON),
+    # so the conversation shows them again after a reload (migration 0008).
+    charts: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
 
 
 class Attachment(Base):
