@@ -11,8 +11,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from clawdbot.agents import NAME_PATTERN, UNSAVED_AGENT, AgentConfig, AgentInfo, Agents, first_blocking
+from clawdbot.attachments import AttachmentBatch, AttachmentStore, Upload
 from clawdbot.backends import ContentDelta, ThinkingDelta, ToolCall
 from clawdbot.conversations import Conversations, StoredMessage
+from clawdbot.document_context import fit_documents
 from clawdbot.errors import UsageError
 from clawdbot.gateway import ChatRequest, ContextPlanned, Finished, Gateway, GatewayEvent, Queued, Started
 from clawdbot.http_tools import HttpTools
@@ -20,6 +22,8 @@ from clawdbot.outbound import OutboundPolicy
 from clawdbot.tools import Toolbox, ToolResult
 
 MAX_PROMPT_CHARS = 200_000
+# The question when files are sent without one.
+ATTACHMENT_PROMPT = "Summarise the attached file."
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,8 @@ class TurnStarted:
 
     conversation_id: int
     agent: AgentInfo
+    notes: tuple[str, ...] = ()
+    """About the attached files, for the person: macros ignored, a document sent as an outline and passages."""
 
 
 class ChatService:
@@ -41,6 +47,7 @@ class ChatService:
         self.agents = agents
         self.conversations = conversations
         self.gateway = gateway
+        self.attachments = AttachmentStore(conversations.db, gateway.settings)
         allowlist = gateway.settings.allowlisted_hosts
         self.http_tools = http_tools or HttpTools(agents.db, allowlist)
         self.outbound = OutboundPolicy(allowlist)
@@ -68,8 +75,15 @@ class ChatService:
         conversation_id: int | None = None,
         think: bool | None = None,
         client_ip: str = "",
+        attachments: Sequence[Upload] = (),
     ) -> Generator[TurnStarted | GatewayEvent, None, None]:
-        """Run one turn; yields `TurnStarted`, then the gateway's events, ending with `Finished`."""
+        """Run one turn; yields `TurnStarted`, then the gateway's events, ending with `Finished`.
+
+        Attached files are read first (a refused one ends the turn as `rejected_input`); they and the files of
+        earlier turns go into `ChatRequest.documents`, and into the message as far as the budget allows.
+        """
+        if attachments and not prompt.strip():
+            prompt = ATTACHMENT_PROMPT
         if conversation_id is not None:
             owner_agent = self.conversations.agent_of(conversation_id, user)
             if agent is not None and agent != owner_agent:
@@ -106,16 +120,26 @@ class ChatService:
             temperature=config.temperature,
             top_p=config.top_p,
         )
-        request = self._with_tools(request, config.tools)
         problem = _check_prompt(prompt)
+        batch = self.attachments.read_all(attachments) if attachments and not problem else AttachmentBatch()
+        problem = problem or batch.refusal
+        request = replace(
+            request,
+            attachments=batch.records(),
+            documents=() if problem else self.attachments.for_turn(conversation_id, batch),
+        )
+        request = self._with_tools(request, config.tools)
         if problem:
-            yield self.gateway.reject(request, problem)
+            refused = self.gateway.reject(request, problem)
+            self.attachments.record(batch, refused.request_id, conversation_id)
+            yield refused
             return
         if conversation_id is None:
             # Titled from the first message at once, so a first turn refused busy still leaves a findable one.
             conversation_id = self.conversations.create(user, info.name, title=" ".join(prompt.split())[:80])
             request = ChatRequest(**{**request.__dict__, "conversation_id": conversation_id})
-        yield TurnStarted(conversation_id, info)
+        request, notices = fit_documents(request, self.gateway)
+        yield TurnStarted(conversation_id, info, (*batch.notes, *notices))
 
         content: list[str] = []
         thinking: list[str] = []
@@ -142,6 +166,8 @@ class ChatService:
             # Closed first, so the record is finalized (`cancelled` when the caller stopped) before the turn is
             # stored, whatever the interpreter's order of finalizing generators.
             events.close()
+            if request_id is not None:
+                self.attachments.record(batch, request_id, conversation_id)
             # Kept also when the caller stopped half-way: the partial answer belongs to the conversation.
             if content or thinking or tool_calls:
                 if tool_results and len(tool_results) == len(tool_calls):  # stopped before `Finished`

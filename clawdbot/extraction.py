@@ -51,7 +51,7 @@ _OFFICE_SUFFIXES = {
 }
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _INT = re.compile(r"[-+]?(0|[1-9]\d{0,17})")
-_FLOAT = re.compile(r"[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?")
+_FLOAT = re.compile(r"[-+]?((0|[1-9]\d*)(\.\d+)?|\.\d+)([eE][-+]?\d+)?")
 # Plain-text attachments are cut into pages of about this many characters, so `read_document` can page them.
 TEXT_PAGE_CHARS = 4_000
 # Table rows shown per page of a sheet's text rendering (the typed cells stay whole in `Document.tables`).
