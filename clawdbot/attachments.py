@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from clawdbot.db import Database
 from clawdbot.documents import Document
-from clawdbot.errors import RejectedInputError
+from clawdbot.errors import RejectedInputError, UsageError
 from clawdbot.extraction import MB, Extracted, Limits, detect_kind, extract
 from clawdbot.models import Attachment
 from clawdbot.settings import Settings
@@ -114,6 +114,24 @@ class AttachmentBatch:
     def records(self) -> list[dict[str, Any]]:
         """For the audit record: every file with name, hash and size; refused ones with the reason."""
         return [*(a.record() for a in self.read), *self.refused]
+
+
+def upload_from_path(path: Path, max_bytes: int) -> Upload:
+    """A file named on the command line, read up to `max_bytes` and one byte (a larger one is refused by size
+    without being loaded); raises UsageError when it cannot be read at all."""
+    try:
+        with path.open("rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            data = fh.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise UsageError(f"cannot attach {path}: there is no such file") from None
+    except IsADirectoryError:
+        raise UsageError(
+            f"cannot attach {path}: it is a directory; attach the files in it one by one"
+        ) from None
+    except OSError as exc:
+        raise UsageError(f"cannot attach {path}: {exc.strerror or exc}") from None
+    return Upload(path.name, data, size=max(size, len(data)) if len(data) > max_bytes else None)
 
 
 def display_name(name: str) -> str:

@@ -16,6 +16,7 @@ from typer.exceptions import TyperException
 
 from clawdbot.agents import AgentConfig
 from clawdbot.api_keys import ApiKeys
+from clawdbot.attachments import upload_from_path
 from clawdbot.backends import ContentDelta, ThinkingDelta
 from clawdbot.chain import verify_chain
 from clawdbot.chat import TurnStarted
@@ -219,16 +220,29 @@ def ask(
         bool | None,
         typer.Option("--think/--no-think", help="Ask for thinking (shown on stderr); default: the agent's."),
     ] = None,
+    attach: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--attach",
+            metavar="FILE",
+            help="Attach a PDF, Excel workbook, CSV or text file (repeat for more).",
+        ),
+    ] = None,
 ) -> None:
     """One turn through the same gateway as the UI: the answer streams to stdout and is recorded."""
     runtime = Runtime.open()
     asker = runtime.users.get(user)
     if asker.disabled:
         raise UsageError(f"the user {user!r} is disabled")
+    limit = runtime.settings.max_upload_mb * 1024 * 1024
+    uploads = [upload_from_path(path, limit) for path in attach or []]
     finished: Finished | None = None
     wrote_thinking = wrote_content = False
     last_position = 0
-    for event in runtime.chat.turn(user, prompt, agent=agent, conversation_id=conversation, think=think):
+    turn = runtime.chat.turn(
+        user, prompt, agent=agent, conversation_id=conversation, think=think, attachments=uploads
+    )
+    for event in turn:
         if isinstance(event, ContentDelta):
             if wrote_thinking and not wrote_content:
                 sys.stderr.write("\n")
@@ -245,8 +259,11 @@ def ask(
             typer.echo(f"waiting for the model: number {event.position} in the queue", err=True)
         elif isinstance(event, Finished):
             finished = event
-        elif isinstance(event, TurnStarted) and conversation is None:
-            conversation = event.conversation_id
+        elif isinstance(event, TurnStarted):
+            for note in event.notes:
+                typer.echo(f"note: {note}", err=True)
+            if conversation is None:
+                conversation = event.conversation_id
     if wrote_content:
         sys.stdout.write("\n")
     runtime.close()
