@@ -57,6 +57,11 @@ TEXT_PAGE_CHARS = 4_000
 # Table rows shown per page of a sheet's text rendering (the typed cells stay whole in `Document.tables`).
 TABLE_ROWS_PER_PAGE = 60
 SUPPORTED = "PDF, Excel workbooks (.xlsx, .xlsm), CSV and plain text"
+# What the chat's file picker offers (the content decides what a file is; these only guide the picker).
+ACCEPTED_SUFFIXES = (
+    "pdf",
+    *(suffix[1:] for suffix in sorted(_WORKBOOK_SUFFIXES | _CSV_SUFFIXES | _TEXT_SUFFIXES)),
+)
 
 # Extractions at once in this process: each child may use up to `memory_mb`, so many at once could exhaust the
 # machine; the rest wait (each child ends within `seconds`).

@@ -8,13 +8,17 @@ conversation; every message on screen is read from the database on each run.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 import streamlit as st
 
 from clawdbot.answers import Notice, display_markdown, outcome_notice
-from clawdbot.chat import MAX_PROMPT_CHARS
+from clawdbot.attachments import Upload
+from clawdbot.chat import ATTACHMENT_PROMPT, MAX_PROMPT_CHARS
 from clawdbot.conversations import ConversationInfo
 from clawdbot.errors import ClawdbotError, NotFoundError
+from clawdbot.extraction import ACCEPTED_SUFFIXES
 from clawdbot.models import Status
 from ui.chat_view import show_entry, show_notice, show_prompt, stream_turn
 from ui.session import require_page, runtime
@@ -28,6 +32,8 @@ CONVERSATION_PARAM = "c"
 PROMPT_KEY = "chat_prompt"
 # What to tell the person after the rerun that follows a turn (a refusal leaves nothing in the database).
 FLASH_KEY = "chat_flash"
+# What the reader of the attached files said, shown again after that rerun.
+FILE_NOTES_KEY = "chat_file_notes"
 UNEXPECTED = (
     "Something went wrong on our side, and it has been logged. "
     "Try again; if it keeps happening, tell an operator."
@@ -113,17 +119,22 @@ def client_ip() -> str:
     return address if isinstance(address, str) else ""
 
 
-def send(user: str, prompt: str, current: ConversationInfo | None, agent: str | None) -> None:
+def send(
+    user: str, prompt: str, current: ConversationInfo | None, agent: str | None, files: Sequence[Any] = ()
+) -> None:
     """Stream one turn, then rerun so the page shows what the database now holds."""
-    show_prompt(prompt)
+    show_prompt(prompt if prompt.strip() or not files else ATTACHMENT_PROMPT, [f.name for f in files])
     turn = runtime().chat.turn(
         user,
         prompt,
         agent=None if current is not None else agent,
         conversation_id=current.id if current is not None else None,
         client_ip=client_ip(),
+        attachments=[Upload(f.name, f.getvalue()) for f in files],
     )
-    finished = stream_turn(turn, on_conversation=select).finished
+    streamed = stream_turn(turn, on_conversation=select, reading=bool(files))
+    st.session_state[FILE_NOTES_KEY] = streamed.file_notes
+    finished = streamed.finished
     if finished is not None and (notice := outcome_notice(finished)) is not None:
         refill = finished.status not in NOT_REFILLED and not (finished.response or finished.thinking)
         st.session_state[FLASH_KEY] = (notice, prompt if refill else "")
@@ -136,8 +147,17 @@ def page() -> None:
     agent = sidebar(user, current)
     if current is not None:
         header(user, current)
+        attached = runtime().chat.attachments.names_by_request(current.id)
         for entry in runtime().conversations.transcript(current.id, user):
-            show_entry(entry)
+            request_id = entry.message.request_id
+            files = (
+                attached.get(request_id, [])
+                if request_id is not None and entry.message.role == "user"
+                else []
+            )
+            show_entry(entry, files)
+        for note in st.session_state.pop(FILE_NOTES_KEY, []):
+            st.caption(display_markdown(note))
     flash = st.session_state.pop(FLASH_KEY, None)
     if flash is not None:
         notice, refill = flash
@@ -147,14 +167,17 @@ def page() -> None:
             st.session_state[PROMPT_KEY] = refill  # shown in the input, sent only when the person sends it
     if current is None and agent is None:
         return
-    prompt = st.chat_input(
+    message = st.chat_input(
         f"Message {current.agent if current is not None else agent}",
         key=PROMPT_KEY,
         max_chars=MAX_PROMPT_CHARS,
         submit_mode="stop",  # while the answer streams, the send button is the stop button
+        accept_file="multiple",
+        file_type=list(ACCEPTED_SUFFIXES),
+        max_upload_size=runtime().settings.max_upload_mb,
     )
-    if prompt:
-        send(user, prompt, current, agent)
+    if message and (message.text or message.files):
+        send(user, message.text, current, agent, message.files)
 
 
 try:

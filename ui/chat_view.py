@@ -6,7 +6,7 @@ Text from people and models goes through `st.markdown` without `unsafe_allow_htm
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +26,14 @@ def show_notice(notice: Notice) -> None:
     {"info": st.info, "warning": st.warning, "error": st.error}[notice.level](body)
 
 
-def show_entry(entry: TranscriptEntry) -> None:
-    """One stored message; an answer with its thinking (collapsed, above it) and its figures (under it)."""
+def attached_caption(files: Sequence[str]) -> None:
+    if files:
+        st.caption(display_markdown("Attached: " + ", ".join(files)))
+
+
+def show_entry(entry: TranscriptEntry, files: Sequence[str] = ()) -> None:
+    """One stored message; an answer with its thinking (collapsed, above it) and its figures (under it); a
+    question with the names of the files attached to it."""
     message = entry.message
     if message.role not in ("user", "assistant"):
         return
@@ -39,6 +45,7 @@ def show_entry(entry: TranscriptEntry) -> None:
                 st.markdown(display_markdown(message.thinking))
         if message.content:
             st.markdown(display_markdown(message.content))
+        attached_caption(files)
         if message.tool_calls:
             names = ", ".join(str(call.get("name", "?")) for call in message.tool_calls)
             st.caption(f"Asked to use: {names}")
@@ -46,9 +53,10 @@ def show_entry(entry: TranscriptEntry) -> None:
             st.caption(caption(entry.figures))
 
 
-def show_prompt(prompt: str) -> None:
+def show_prompt(prompt: str, files: Sequence[str] = ()) -> None:
     with st.chat_message("user"):
         st.markdown(display_markdown(prompt))
+        attached_caption(files)
 
 
 @dataclass
@@ -58,11 +66,14 @@ class StreamedTurn:
     conversation_id: int | None = None
     finished: Finished | None = None
     notices: list[str] = field(default_factory=list)
+    file_notes: list[str] = field(default_factory=list)
+    """What the reader of the attached files said (macros ignored, a document sent in part)."""
 
 
 def stream_turn(
     turn: Generator[TurnStarted | GatewayEvent, None, None],
     on_conversation: Callable[[int], None],
+    reading: bool = False,
 ) -> StreamedTurn:
     """Show a turn's answer as it is generated, in at most `UPDATES_PER_SECOND` screen updates a second.
 
@@ -74,9 +85,12 @@ def stream_turn(
     result = StreamedTurn()
     with st.chat_message("assistant"):
         waiting = st.empty()
+        file_notes = st.empty()
         context = st.empty()
         thinking_slot = st.empty()
         answer = st.empty()
+    if reading:
+        waiting.info("Reading the attached files…", icon=":material/description:")
     thinking_body: list[Any] = []  # the placeholder inside the expander, made when thinking first arrives
 
     def render(part: str, text: str) -> None:
@@ -107,6 +121,9 @@ def stream_turn(
                 context.caption(notice)
             elif isinstance(event, TurnStarted):
                 result.conversation_id = event.conversation_id
+                result.file_notes.extend(event.notes)
+                if event.notes:
+                    file_notes.caption(display_markdown("\n\n".join(event.notes)))
                 on_conversation(event.conversation_id)
             elif isinstance(event, Finished):
                 result.finished = event
