@@ -22,7 +22,7 @@ import weakref
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from clawdbot.audit import append_event
 from clawdbot.db import Database
@@ -38,6 +38,19 @@ MAX_ACTIVE_KEYS_PER_USER = 20
 # Last use is a hint for people, not a security control: writing it on every request would be waste.
 TOUCH_EVERY_S = 60.0
 _KEY_SHAPE = re.compile(r"^cb-[A-Za-z0-9_-]{43}$")
+_KEY_LOOKUP = (
+    select(
+        ApiKey.id,
+        ApiKey.revoked_at,
+        User.id,
+        User.name,
+        User.roles,
+        User.disabled,
+        User.must_change_password,
+    )
+    .join(User, User.id == ApiKey.user_id)
+    .where(ApiKey.key_hash == bindparam("key_hash"))
+)
 
 
 class ApiKeyRefusedError(ClawdbotError):
@@ -200,21 +213,20 @@ class ApiKeys:
                 "the API key is not valid: check that it was copied whole (it starts with cb- and has "
                 "46 characters)"
             )
-        with self.db.read() as session:
-            found = session.execute(
-                select(ApiKey.id, ApiKey.revoked_at, User)
-                .join(User, User.id == ApiKey.user_id)
-                .where(ApiKey.key_hash == hash_key(secret))
-            ).first()
+        # Every API request runs this: a Core query of the few columns needed, without an ORM session.
+        with self.db.engine.connect() as conn:
+            found = conn.execute(_KEY_LOOKUP, {"key_hash": hash_key(secret)}).first()
         if found is None:
             raise ApiKeyRefusedError("the API key is not valid: check that it was copied whole")
-        key_id, revoked_at, user = found
+        key_id, revoked_at, user_id, name, roles, disabled, must_change_password = found
         if revoked_at is not None:
             raise ApiKeyRefusedError("this API key was revoked: create a new one on the API keys page")
-        if user.disabled:
-            raise ApiKeyRefusedError(f"the user {user.name} of this API key is disabled; ask an admin")
+        if disabled:
+            raise ApiKeyRefusedError(f"the user {name} of this API key is disabled; ask an admin")
         self._touch(key_id, client_ip)
-        return UserInfo.of(user)
+        return UserInfo(
+            user_id, name, frozenset(Role(r) for r in roles.split()), disabled, must_change_password
+        )
 
     def _touch(self, key_id: int, client_ip: str) -> None:
         now = time.monotonic()
