@@ -184,6 +184,50 @@ def parse_headers(text: str, stored: Mapping[str, str] | None = None) -> dict[st
     return headers
 
 
+def config_from_form(
+    *,
+    name: str,
+    description: str,
+    parameters: str,
+    url: str,
+    method: str,
+    headers: str,
+    timeout_s: float,
+    max_response_bytes: int,
+    disabled: bool = False,
+    stored_headers: Mapping[str, str] | None = None,
+) -> tuple[HttpToolConfig | None, list[Problem]]:
+    """The settings typed on the agents page: a config, or the problems with the text fields (JSON, headers)."""
+    problems: list[Problem] = []
+    schema: dict[str, Any] = dict(EMPTY_SCHEMA)
+    if parameters.strip():
+        try:
+            loaded = json.loads(parameters)
+        except ValueError as exc:
+            problems.append(Problem("parameters", f"the parameters are not valid JSON: {exc}"))
+        else:
+            schema = loaded if isinstance(loaded, dict) else {"type": None}
+    try:
+        parsed_headers = parse_headers(headers, stored_headers)
+    except UsageError as exc:
+        problems.append(Problem("headers", exc.message))
+        parsed_headers = {}
+    if problems:
+        return None, problems
+    config = HttpToolConfig(
+        name=name.strip(),
+        description=description.strip(),
+        url=url.strip(),
+        parameters=schema,
+        method=method.upper(),
+        headers=parsed_headers,
+        timeout_s=float(timeout_s),
+        max_response_bytes=int(max_response_bytes),
+        disabled=disabled,
+    )
+    return config, []
+
+
 def masked_headers_text(headers: Mapping[str, str]) -> str:
     """The headers as the form shows them: names with masked values."""
     return "\n".join(f"{name}: {MASK}" for name in headers)

@@ -28,6 +28,7 @@ from clawdbot.backends import ContentDelta
 from clawdbot.errors import ClawdbotError
 from clawdbot.gateway import Finished, GatewayEvent
 from clawdbot.models import Status
+from ui.http_tools_form import http_tools_section
 from ui.markdown import escape
 from ui.session import require_page, runtime
 
@@ -396,3 +397,6 @@ else:
     if pressed:
         submit(draft, pressed, info, models)
     history(info)
+
+st.divider()
+http_tools_section(rt.chat.http_tools, actor)

@@ -6,17 +6,21 @@ Text from people and models goes through `st.markdown` without `unsafe_allow_htm
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import plotly.io as pio
 import streamlit as st
 
 from clawdbot.answers import Coalescer, Notice, caption, context_notice, display_markdown
 from clawdbot.backends import ContentDelta, ThinkingDelta
+from clawdbot.charts import Chart
 from clawdbot.chat import TurnStarted
 from clawdbot.conversations import TranscriptEntry
 from clawdbot.gateway import ContextPlanned, Finished, GatewayEvent, Queued, Started
+from clawdbot.tools import ToolResult
 
 THINKING_LABEL = "Thinking"
 
@@ -24,6 +28,20 @@ THINKING_LABEL = "Thinking"
 def show_notice(notice: Notice) -> None:
     body = f"{notice.text}\n\nDetails: {notice.detail}" if notice.detail else notice.text
     {"info": st.info, "warning": st.warning, "error": st.error}[notice.level](body)
+
+
+def show_chart(chart: Chart, key: str) -> None:
+    """A chart a tool drew; its texts were made markup-free when it was built (`clawdbot.charts.plain`)."""
+    st.plotly_chart(pio.from_json(json.dumps(chart.figure)), key=key, width="stretch")
+
+
+def tools_caption(calls: list[dict[str, Any]]) -> str:
+    """Which tools an answer used, and which of them failed (the model was told why)."""
+    parts = []
+    for call in calls:
+        name = str(call.get("name", "?"))
+        parts.append(f"{name} (failed)" if call.get("error") else name)
+    return "Tools used: " + ", ".join(parts)
 
 
 def attached_caption(files: Sequence[str]) -> None:
@@ -46,9 +64,10 @@ def show_entry(entry: TranscriptEntry, files: Sequence[str] = ()) -> None:
         if message.content:
             st.markdown(display_markdown(message.content))
         attached_caption(files)
+        for index, chart in enumerate(message.charts):
+            show_chart(Chart.from_json(chart), key=f"chart_{message.request_id}_{index}")
         if message.tool_calls:
-            names = ", ".join(str(call.get("name", "?")) for call in message.tool_calls)
-            st.caption(f"Asked to use: {names}")
+            st.caption(display_markdown(tools_caption(message.tool_calls)))
         if entry.figures is not None:
             st.caption(caption(entry.figures))
 
@@ -83,12 +102,14 @@ def stream_turn(
     Streamlit call raises again.
     """
     result = StreamedTurn()
-    with st.chat_message("assistant"):
+    message = st.chat_message("assistant")
+    with message:
         waiting = st.empty()
-        file_notes = st.empty()
         context = st.empty()
         thinking_slot = st.empty()
         answer = st.empty()
+    # The caption of the tools used and a box for charts, made when a tool first runs.
+    tool_slots: list[Any] = []
     if reading:
         waiting.info("Reading the attached files…", icon=":material/description:")
     thinking_body: list[Any] = []  # the placeholder inside the expander, made when thinking first arrives
@@ -102,12 +123,21 @@ def stream_turn(
             answer.markdown(display_markdown(text))
 
     coalescer = Coalescer(render)
+    used: list[dict[str, Any]] = []
     try:
         for event in turn:
             if isinstance(event, ContentDelta):
                 coalescer.add("content", event.text)
             elif isinstance(event, ThinkingDelta):
                 coalescer.add("thinking", event.text)
+            elif isinstance(event, ToolResult):
+                used.append(event.record())
+                if not tool_slots:
+                    tool_slots.extend((message.empty(), message.container()))
+                tool_slots[0].caption(display_markdown(tools_caption(used)))
+                if event.chart is not None:
+                    with tool_slots[1]:
+                        show_chart(event.chart, key=f"chart_live_{len(used)}")
             elif isinstance(event, Queued):
                 waiting.info(
                     f"Waiting for a free place on the GPU: number {event.position} in the queue…",
@@ -118,12 +148,12 @@ def stream_turn(
             elif isinstance(event, ContextPlanned):
                 notice = event.plan.notice()
                 result.notices.append(notice)
-                context.caption(notice)
+                context.caption(display_markdown("\n\n".join([*result.file_notes, notice])))
             elif isinstance(event, TurnStarted):
                 result.conversation_id = event.conversation_id
                 result.file_notes.extend(event.notes)
                 if event.notes:
-                    file_notes.caption(display_markdown("\n\n".join(event.notes)))
+                    context.caption(display_markdown("\n\n".join(event.notes)))
                 on_conversation(event.conversation_id)
             elif isinstance(event, Finished):
                 result.finished = event
