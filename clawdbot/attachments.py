@@ -190,6 +190,9 @@ class AttachmentStore:
         """Link the batch's files to the request (and conversation) that carried them: one row per file."""
         if not batch.read and not batch.refused:
             return
+        if batch.refusal:
+            # Nothing of a refused message was sent: its files must not join the conversation's documents.
+            conversation_id = None
         with self.db.write() as session:
             for item in batch.read:
                 described = item.record()

@@ -275,9 +275,11 @@ def test_a_refused_file_is_recorded_as_rejected_input_and_the_next_turn_is_answe
     assert '"refused": "this workbook declares XML entities' in record.attachments
     assert sim.requests == []  # nothing reached the model
     with runtime.db.read() as session:
-        assert {(a.name, a.text_path == "") for a in session.scalars(select(Attachment))} == {
-            ("ok.txt", False),
-            ("laughs.xlsx", True),
+        assert {
+            (a.name, a.text_path == "", a.conversation_id) for a in session.scalars(select(Attachment))
+        } == {
+            ("ok.txt", False, None),
+            ("laughs.xlsx", True, None),
         }
     sim.script("Hello.")
     assert turn(runtime, "Still there?")[-1].status is Status.OK  # type: ignore[attr-defined]

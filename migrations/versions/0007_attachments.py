@@ -1,4 +1,8 @@
-"""Attachment storage details (issue 6, files).
+"""Attachment storage details (issue 6, files): no schema change.
+
+The `attachments` table of 0001 already holds what the files work needs (name, sha256, size, pages or rows,
+the path of the extracted content, request and conversation), so this revision only keeps its place in the
+chain that was reserved for it.
 
 Revision ID: 0007
 Revises: 0006
