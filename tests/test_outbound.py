@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from clawdbot.outbound import OutboundFailed, OutboundPolicy, OutboundRefused, fetch, refusal_reason
+from clawdbot.outbound import OutboundFailed, OutboundPolicy, OutboundRefused, Resolver, fetch, refusal_reason
 from tests.tools_helpers import ToolServer, tool_server
 
 
@@ -20,7 +20,7 @@ def server() -> Iterator[ToolServer]:
         yield running
 
 
-def resolver_of(table: dict[str, list[str]], calls: list[str] | None = None):  # type: ignore[no-untyped-def]
+def resolver_of(table: dict[str, list[str]], calls: list[str] | None = None) -> Resolver:
     """A resolver that answers from `table` (and remembers each question), as a DNS server could."""
 
     def resolve(host: str, port: int) -> list[str]:

@@ -85,7 +85,8 @@ def test_every_problem_with_the_settings_is_tied_to_its_field() -> None:
         "https://api.example.org/w", parameters={"type": "object", "properties": {"a": {"type": 5}}}
     )
     assert [p.message for p in bad_schema.problems()] == [
-        "the parameter schema is not valid JSON schema at properties/a/type: 5 is not valid under any of the given schemas"
+        "the parameter schema is not valid JSON schema at properties/a/type: "
+        "5 is not valid under any of the given schemas"
     ]
     host_placeholder = weather("https://{city}.example.org/")
     assert host_placeholder.problems()[0].message.startswith(
