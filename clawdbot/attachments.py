@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from clawdbot.db import Database
 from clawdbot.documents import Document
-from clawdbot.errors import RejectedInputError, UsageError
+from clawdbot.errors import ClawdbotError, RejectedInputError, UsageError
 from clawdbot.extraction import MB, Extracted, Limits, detect_kind, extract
 from clawdbot.models import Attachment
 from clawdbot.settings import Settings
@@ -161,7 +161,8 @@ class AttachmentStore:
         for upload in uploads:
             try:
                 batch.read.append(self.read(upload))
-            except RejectedInputError as exc:
+            except ClawdbotError as exc:
+                # Refused, or no reader free for 30 s: either way recorded, never an unaudited failure.
                 batch.refusal = f"{display_name(upload.name)}: {exc.message}"
                 batch.refused.append(self._describe(upload, exc.message))
                 break

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from clawdbot import extraction
 from clawdbot.agents import AgentConfig
 from clawdbot.attachments import AttachmentStore, Upload, display_name
 from clawdbot.chat import TurnStarted
@@ -290,3 +291,18 @@ def test_a_file_without_a_question_asks_for_a_summary(runtime: Runtime, sim: Oll
     turn(runtime, "  ", ("notes.txt", b"Meeting notes: ship on Friday."))
     assert sent_message(sim).startswith("Summarise the attached file.\n\n")
     assert "ship on Friday" in sent_message(sim)
+
+
+def test_when_every_reader_is_busy_the_file_is_refused_and_recorded_not_lost(
+    runtime: Runtime, sim: OllamaSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(extraction, "_WAIT_FOR_SLOT_S", 0.05)
+    taken = [extraction._running.acquire(timeout=5) for _ in range(2)]
+    try:
+        [finished] = turn(runtime, "Read it", ("notes.txt", b"some notes"))
+    finally:
+        for _ in taken:
+            extraction._running.release()
+    assert isinstance(finished, Finished) and finished.status is Status.REJECTED_INPUT
+    assert finished.message == "notes.txt: too many files are being read right now: try again in a minute"
+    assert [r.status for r in all_requests(runtime.db)] == ["rejected_input"]
