@@ -33,7 +33,11 @@ class Table:
 
 @dataclass(frozen=True)
 class Document:
-    """One attachment's extracted content: text per page (a PDF; one page for other kinds) and its tables."""
+    """One attachment's extracted content: text per page and its tables.
+
+    Pages are a PDF's pages; plain text is cut into pages of about 4,000 characters and each table is rendered
+    60 rows a page (see `clawdbot.extraction`), so `read_pages` can page through any kind.
+    """
 
     name: str
     sha256: str
