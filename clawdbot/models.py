@@ -230,11 +230,11 @@ class Request(Base):
         Index("ix_requests_user_started_at", "user", "started_at"),
         Index("ix_requests_agent_started_at", "agent", "started_at"),
         Index("ix_requests_status", "status"),
+        # The dashboard's rollups and "refused in the last minute" read requests by when they finished.
+        Index("ix_requests_finished_at", "finished_at"),
         {"sqlite_autoincrement": True},
     )
 
-        # The dashboard's rollups and "refused in the last minute" read requests by when they finished.
-        Index("ix_requests_finished_at", "finished_at"),
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
@@ -369,7 +369,7 @@ class RequestRollup(Base):
 class TimingRollup(Base):
     """Timings of the requests that finished in one time bucket: counts, sums and log-bucket histograms.
 
-    Histograms (JSON objects of bucket index to count, see `clawdbot.rollups.Histogram`) merge by adding, so
+    Histograms (JSON lists of bucket index and count, see `clawdbot.rollups.Histogram`) merge by adding, so
     percentiles over any set of buckets come from a few hundred rows whatever the number of requests.
     """
 
@@ -380,9 +380,16 @@ class TimingRollup(Base):
     requests: Mapped[int] = mapped_column(Integer)
     ok: Mapped[int] = mapped_column(Integer)
     completion_tokens: Mapped[int] = mapped_column(BigInteger)
-    latency_ms: Mapped[str] = mapped_column(Text, default="{}")
-    ttft_ms: Mapped[str] = mapped_column(Text, default="{}")
-    tokens_per_s: Mapped[str] = mapped_column(Text, default="{}")
+    latency_ms: Mapped[str] = mapped_column(Text, default="[]")
+    ttft_ms: Mapped[str] = mapped_column(Text, default="[]")
+    tokens_per_s: Mapped[str] = mapped_column(Text, default="[]")
+    # The bucket's own percentiles, computed when it is written, so that a chart point costs no decoding.
+    latency_p50: Mapped[float | None] = mapped_column(Float, nullable=True)
+    latency_p95: Mapped[float | None] = mapped_column(Float, nullable=True)
+    latency_p99: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ttft_p50: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ttft_p95: Mapped[float | None] = mapped_column(Float, nullable=True)
+    decode_p50: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class RollupState(Base):
@@ -396,7 +403,8 @@ class RollupState(Base):
 
 
 class MetricSample(Base):
-    """One minute of one sampled figure (GPU memory, queue length…) from one process: mean and peak.
+    """One minute (`bucket_s` 60) or hour (3600) of one sampled figure (GPU memory, queue length…) from one
+    process: mean and peak. Hours are kept beside minutes so that a week's chart reads 168 rows, not 10,080.
 
     `source` is the process (host:pid) for gateway figures, since each process has its own gateway; GPU
     figures from several processes on one host are the same device read twice, and the reader takes the max.
@@ -406,6 +414,7 @@ class MetricSample(Base):
     __table_args__ = (Index("ix_metric_samples_at", "at"),)
 
     metric: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bucket_s: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[datetime] = mapped_column(primary_key=True)
     source: Mapped[str] = mapped_column(String(200), primary_key=True)
     mean: Mapped[float] = mapped_column(Float)

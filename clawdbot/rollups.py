@@ -32,7 +32,10 @@ from clawdbot.models import Request, RequestRollup, RollupState, Status, TimingR
 BUCKET_SIZES = (60, 600, 3600)
 """Widths in seconds of the buckets kept: a minute, 10 minutes, an hour."""
 RETENTION = timedelta(days=30)
-"""Rollups and metric samples older than this are pruned (and not rebuilt)."""
+"""Metric samples and the longest-kept rollups older than this are pruned (and not rebuilt)."""
+KEPT: dict[int, timedelta] = {60: timedelta(days=1), 600: timedelta(days=8), 3600: RETENTION}
+"""How long buckets of each width are kept: a little more than the longest window that charts them (1 h, 24 h,
+7 d), so a first backfill of a month of records writes minutes for one day only."""
 READ_BATCH = 50_000
 """Most newly finished requests looked at per step of `refresh()`, which bounds memory on a first backfill."""
 
@@ -40,7 +43,7 @@ READ_BATCH = 50_000
 class Histogram:
     """Counts of positive values in log-spaced buckets: bucket i holds [GROWTH**i, GROWTH**(i + 1)).
 
-    Mergeable by adding counts and stored as a small JSON object, which is what lets hourly and per-minute
+    Mergeable by adding counts and stored as a small JSON list, which is what lets hourly and per-minute
     buckets be summed into any window. A quantile is read as its bucket's geometric middle, so it is within
     `RELATIVE_ERROR` of the exact nearest-rank value; values at or below `FLOOR` share the lowest bucket.
     """
@@ -74,23 +77,47 @@ class Histogram:
 
     def quantile(self, q: float) -> float | None:
         """The nearest-rank `q` quantile (0 < q <= 1), or None when empty."""
+        return self.quantiles(q)[0]
+
+    def quantiles(self, *qs: float) -> list[float | None]:
+        """Several nearest-rank quantiles in one pass over the buckets (ascending `qs` are cheapest)."""
         total = self.total
         if not total:
-            return None
-        rank = max(1, math.ceil(q * total))
-        seen = 0
+            return [None] * len(qs)
+        ranks = sorted((max(1, math.ceil(q * total)), n) for n, q in enumerate(qs))
+        found: list[float | None] = [None] * len(qs)
+        seen, k = 0, 0
         for i in sorted(self.counts):
             seen += self.counts[i]
-            if seen >= rank:
-                return float(self.GROWTH ** (i + 0.5))
-        raise AssertionError("unreachable: rank <= total")
+            while k < len(ranks) and seen >= ranks[k][0]:
+                found[ranks[k][1]] = float(self.GROWTH ** (i + 0.5))
+                k += 1
+            if k == len(ranks):
+                break
+        return found
 
     def to_json(self) -> str:
-        return json.dumps({str(i): n for i, n in sorted(self.counts.items())}, separators=(",", ":"))
+        """A flat JSON list [index, count, index, count, …] (integers parse faster than object keys)."""
+        return json.dumps([x for item in sorted(self.counts.items()) for x in item], separators=(",", ":"))
+
+    @classmethod
+    def merged(cls, texts: Iterable[str | None]) -> Histogram:
+        """The sum of many stored histograms, parsed as one JSON list (the window-wide percentiles' hot path)."""
+        flat = json.loads("[" + ",".join(t[1:-1] for t in texts if t and len(t) > 2) + "]")
+        counts: dict[int, int] = {}
+        get = counts.get
+        for i, n in zip(flat[::2], flat[1::2], strict=True):
+            counts[i] = get(i, 0) + n
+        histogram = cls()
+        histogram.counts = counts
+        return histogram
 
     @classmethod
     def from_json(cls, text: str | None) -> Histogram:
-        return cls({int(i): int(n) for i, n in json.loads(text or "{}").items()})
+        flat = json.loads(text or "[]")
+        histogram = cls()
+        histogram.counts = dict(zip(flat[::2], flat[1::2], strict=True))
+        return histogram
 
 
 @dataclass
@@ -151,7 +178,7 @@ class Rollups:
                 return new
             hours = {bucket_start(f, 3600) for _, f in rows if f is not None and f >= cutoff}
             for hour in sorted(hours):
-                self._rebuild_hour(hour, cutoff)
+                self._rebuild_hour(hour, now or utcnow())
             top = int(rows[-1][0] or 0)
             with self.db.write_connection() as conn:
                 conn.execute(
@@ -161,21 +188,15 @@ class Rollups:
             if len(rows) < READ_BATCH:
                 return new
 
-    def rebuild(self, since: datetime, until: datetime) -> None:
-        """Recompute every bucket of the hours from `since` to `until` (after a restore, or in tests)."""
-        hour = bucket_start(since, 3600)
-        while hour < until:
-            self._rebuild_hour(hour, since - RETENTION)
-            hour += timedelta(hours=1)
-
     def prune(self, now: datetime | None = None) -> None:
-        """Drop rollups older than RETENTION."""
-        cutoff = (now or utcnow()) - RETENTION
+        """Drop buckets older than their width is KEPT."""
+        now = now or utcnow()
         with self.db.write_connection() as conn:
-            conn.execute(delete(RequestRollup).where(RequestRollup.bucket_start < cutoff))
-            conn.execute(delete(TimingRollup).where(TimingRollup.bucket_start < cutoff))
+            for size, kept in KEPT.items():
+                for table in (RequestRollup, TimingRollup):
+                    conn.execute(delete(table).where(table.bucket_s == size, table.bucket_start < now - kept))
 
-    def _rebuild_hour(self, hour: datetime, cutoff: datetime) -> None:
+    def _rebuild_hour(self, hour: datetime, now: datetime) -> None:
         end = hour + timedelta(hours=1)
         query = select(
             Request.finished_at,
@@ -187,22 +208,26 @@ class Rollups:
             Request.ttft_ms,
             Request.tokens_per_s,
             Request.completion_tokens,
-        ).where(Request.finished_at >= max(hour, cutoff), Request.finished_at < end)
+        ).where(Request.finished_at >= max(hour, now - RETENTION), Request.finished_at < end)
         with self.db.engine.connect() as conn:
-            buckets = aggregate(conn.execute(query))
+            buckets = aggregate(conn.execute(query), now)
         with self.db.write_connection() as conn:
             write_buckets(conn, buckets)
 
 
-def aggregate(rows: Iterable[Sequence[Any]]) -> dict[tuple[int, datetime], _Bucket]:
+def aggregate(rows: Iterable[Sequence[Any]], now: datetime) -> dict[tuple[int, datetime], _Bucket]:
     """Fold rows of (finished_at, agent, model_used, model_requested, status, latency_ms, ttft_ms,
-    tokens_per_s, completion_tokens) into buckets of every size, keyed by (size, start)."""
+    tokens_per_s, completion_tokens) into buckets of every width still KEPT at `now`, keyed by (width, start)."""
     buckets: dict[tuple[int, datetime], _Bucket] = {}
     ok = Status.OK.value
+    oldest = {size: (now - KEPT[size]).timestamp() for size in BUCKET_SIZES}
     for finished, agent, model_used, model_requested, status, latency, ttft, tps, tokens in rows:
         epoch = int(finished.timestamp())
         for size in BUCKET_SIZES:
-            key = (size, datetime.fromtimestamp(epoch - epoch % size, UTC))
+            start = epoch - epoch % size
+            if start < oldest[size]:
+                continue
+            key = (size, datetime.fromtimestamp(start, UTC))
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = _Bucket()
@@ -231,6 +256,15 @@ def write_buckets(conn: Connection, buckets: Mapping[tuple[int, datetime], _Buck
             "latency_ms": b.latency_ms.to_json(),
             "ttft_ms": b.ttft_ms.to_json(),
             "tokens_per_s": b.tokens_per_s.to_json(),
+            **dict(
+                zip(
+                    ("latency_p50", "latency_p95", "latency_p99"),
+                    b.latency_ms.quantiles(0.5, 0.95, 0.99),
+                    strict=True,
+                )
+            ),
+            **dict(zip(("ttft_p50", "ttft_p95"), b.ttft_ms.quantiles(0.5, 0.95), strict=True)),
+            "decode_p50": b.tokens_per_s.quantile(0.5),
         }
         for (size, start), b in buckets.items()
     ]

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete
+from sqlalchemy import delete, func, select
 
 from clawdbot.admission import AdmissionStats
 from clawdbot.audit import process_owner
@@ -37,6 +37,7 @@ ROLLUP_INTERVAL_S = 10.0
 """Seconds between two refreshes of the request rollups (the charts lag the log by at most this)."""
 PRUNE_INTERVAL_S = 3600.0
 KEPT_IN_MEMORY = timedelta(hours=1)
+_SAMPLE_KEY = ("metric", "bucket_s", "at", "source")
 
 
 @dataclass(frozen=True)
@@ -234,10 +235,12 @@ class Sampler:
             self.store_minute(*ended)
 
     def store_minute(self, minute: datetime, values: dict[str, list[float]]) -> None:
-        """Store one minute's mean and peak of each figure for this process."""
+        """Store one minute's mean and peak of each figure for this process, and bring its hour up to date
+        (the mean of its minutes' means, the highest peak)."""
         rows = [
             {
                 "metric": name,
+                "bucket_s": 60,
                 "at": minute,
                 "source": self.source,
                 "mean": sum(readings) / len(readings),
@@ -246,8 +249,38 @@ class Sampler:
             for name, readings in values.items()
             if readings
         ]
+        if not rows:
+            return
+        hour = bucket_start(minute, 3600)
         with self.db.write_connection() as conn:
-            upsert_rows(conn, MetricSample.__table__, rows, ("metric", "at", "source"))
+            upsert_rows(conn, MetricSample.__table__, rows, _SAMPLE_KEY)
+            hours = conn.execute(
+                select(MetricSample.metric, func.avg(MetricSample.mean), func.max(MetricSample.peak))
+                .where(
+                    MetricSample.bucket_s == 60,
+                    MetricSample.source == self.source,
+                    MetricSample.metric.in_([r["metric"] for r in rows]),
+                    MetricSample.at >= hour,
+                    MetricSample.at < hour + timedelta(hours=1),
+                )
+                .group_by(MetricSample.metric)
+            ).all()
+            upsert_rows(
+                conn,
+                MetricSample.__table__,
+                [
+                    {
+                        "metric": m,
+                        "bucket_s": 3600,
+                        "at": hour,
+                        "source": self.source,
+                        "mean": mean,
+                        "peak": peak,
+                    }
+                    for m, mean, peak in hours
+                ],
+                _SAMPLE_KEY,
+            )
 
     def _prune(self, now: datetime) -> None:
         self.rollups.prune(now)

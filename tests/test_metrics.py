@@ -175,7 +175,9 @@ def test_old_records_are_not_rolled_up_and_old_rollups_are_pruned(db: Database, 
     assert rollups.refresh(NOW) == 2
     with db.engine.connect() as conn:
         oldest = conn.execute(select(func.min(TimingRollup.bucket_start))).scalar_one()
+        sizes = set(conn.execute(select(TimingRollup.bucket_s)).scalars())
     assert oldest >= NOW - RETENTION
+    assert sizes == {600, 3600}  # minutes are kept for a day only: the 3-day-old record has none
     rollups.prune(NOW + timedelta(days=28))
     with db.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(TimingRollup)).scalar_one() == 0
@@ -202,10 +204,24 @@ def test_sampled_history_adds_gateways_and_keeps_the_highest_gpu_reading(db: Dat
         at = base + timedelta(minutes=minute)
         for source, queued, memory in (("host:1", 1.0, 50.0), ("host:2", 2.0, 52.0)):
             rows.append(
-                {"metric": "gateway.queued", "at": at, "source": source, "mean": queued, "peak": queued + 1}
+                {
+                    "metric": "gateway.queued",
+                    "bucket_s": 60,
+                    "at": at,
+                    "source": source,
+                    "mean": queued,
+                    "peak": queued + 1,
+                }
             )
             rows.append(
-                {"metric": "gpu0.memory_pct", "at": at, "source": source, "mean": memory, "peak": 90.0}
+                {
+                    "metric": "gpu0.memory_pct",
+                    "bucket_s": 60,
+                    "at": at,
+                    "source": source,
+                    "mean": memory,
+                    "peak": 90.0,
+                }
             )
     with db.write_connection() as conn:
         conn.execute(insert(MetricSample), rows)
@@ -216,6 +232,17 @@ def test_sampled_history_adds_gateways_and_keeps_the_highest_gpu_reading(db: Dat
     assert history["gateway.queued"][0][1:] == (3.0, 5.0)
     assert history["gpu0.memory_pct"][1][1:] == (52.0, 90.0)
     assert history["gpu1.memory_pct"] == []
+    # a week reads the hourly rows only (none yet), not 10,080 minutes each
+    assert sample_history(db, WINDOWS["7 d"], ["gateway.queued"], NOW) == {"gateway.queued": []}
+    hours = [
+        {"metric": "gateway.queued", "bucket_s": 3600, "at": base, "source": src, "mean": mean, "peak": 4.0}
+        for src, mean in (("host:1", 1.0), ("host:2", 2.0))
+    ]
+    with db.write_connection() as conn:
+        conn.execute(insert(MetricSample), hours)
+    assert sample_history(db, WINDOWS["7 d"], ["gateway.queued"], NOW) == {
+        "gateway.queued": [(base, 3.0, 8.0)]
+    }
 
 
 def test_an_unknown_window_is_refused_with_the_choices() -> None:

@@ -37,9 +37,9 @@ def runtime(workdir: Path, db: Database, sim: OllamaSimulator) -> Iterator[Runti
     rt.close()
 
 
-def stored(db: Database) -> dict[tuple[str, datetime], tuple[float, float]]:
+def stored(db: Database, bucket_s: int = 60) -> dict[tuple[str, datetime], tuple[float, float]]:
     with db.read() as session:
-        rows = session.execute(select(MetricSample)).scalars().all()
+        rows = session.execute(select(MetricSample).where(MetricSample.bucket_s == bucket_s)).scalars().all()
         return {(r.metric, r.at): (r.mean, r.peak) for r in rows}
 
 
@@ -79,6 +79,10 @@ def test_each_minute_is_stored_with_its_mean_and_peak(runtime: Runtime) -> None:
     assert rows[("gpu0.temperature_c", minute)] == (71.0, 71.0)
     assert rows[("gpu0.power_w", minute)] == (250.5, 250.5)
     assert {at for _, at in rows} == {minute}
+    # the hour so far: the mean of its minutes' means, the highest peak
+    assert stored(runtime.db, 3600)[("gateway.generating", minute)] == (3.0, 4.0)
+    sampler.store_minute(minute + timedelta(minutes=1), {"gateway.generating": [1.0, 1.0]})
+    assert stored(runtime.db, 3600)[("gateway.generating", minute)] == (2.0, 4.0)
 
 
 def test_an_hour_of_readings_is_kept_in_memory(runtime: Runtime) -> None:

@@ -1,6 +1,6 @@
 """Gateway and GPU samples at one-minute resolution, request rollups for the dashboard (issue 8).
 
-`metric_samples` keeps what the background sampler saw each minute (30 days); `request_rollups` and
+`metric_samples` keeps what the background sampler saw each minute and each hour (30 days); `request_rollups` and
 `timing_rollups` hold finished requests counted and timed per minute, 10 minutes and hour, rebuilt from
 `requests` by `clawdbot.rollups`; `rollup_state` is how far that has read. `ix_requests_finished_at` serves
 the rebuilds and "refused in the last minute".
@@ -30,11 +30,12 @@ def upgrade() -> None:
     op.create_table(
         "metric_samples",
         sa.Column("metric", sa.String(length=64), nullable=False),
+        sa.Column("bucket_s", sa.Integer(), nullable=False),
         sa.Column("at", _AT, nullable=False),
         sa.Column("source", sa.String(length=200), nullable=False),
         sa.Column("mean", sa.Float(), nullable=False),
         sa.Column("peak", sa.Float(), nullable=False),
-        sa.PrimaryKeyConstraint("metric", "at", "source", name=op.f("pk_metric_samples")),
+        sa.PrimaryKeyConstraint("metric", "bucket_s", "at", "source", name=op.f("pk_metric_samples")),
     )
     with op.batch_alter_table("metric_samples", schema=None) as batch_op:
         batch_op.create_index("ix_metric_samples_at", ["at"], unique=False)
@@ -61,6 +62,12 @@ def upgrade() -> None:
         sa.Column("latency_ms", sa.Text(), nullable=False),
         sa.Column("ttft_ms", sa.Text(), nullable=False),
         sa.Column("tokens_per_s", sa.Text(), nullable=False),
+        sa.Column("latency_p50", sa.Float(), nullable=True),
+        sa.Column("latency_p95", sa.Float(), nullable=True),
+        sa.Column("latency_p99", sa.Float(), nullable=True),
+        sa.Column("ttft_p50", sa.Float(), nullable=True),
+        sa.Column("ttft_p95", sa.Float(), nullable=True),
+        sa.Column("decode_p50", sa.Float(), nullable=True),
         sa.PrimaryKeyConstraint("bucket_s", "bucket_start", name=op.f("pk_timing_rollups")),
     )
     op.create_table(
