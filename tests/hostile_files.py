@@ -116,12 +116,15 @@ def encrypted_pdf() -> bytes:
     return out.getvalue()
 
 
-def owner_only_pdf() -> bytes:
-    """Encrypted with an empty user password (only copying rules): readable without asking for one."""
+def owner_only_pdf(algorithm: str = "RC4-128") -> bytes:
+    """Encrypted with an empty user password (only copying rules): readable without asking for one.
+
+    AES (what current office suites write) needs the `cryptography` package, which `pypdf[crypto]` brings.
+    """
     from pypdf import PdfReader, PdfWriter
 
     writer = PdfWriter(clone_from=PdfReader(io.BytesIO(text_pdf([["Readable despite the rules"]]))))
-    writer.encrypt(user_password="", owner_password="owner", algorithm="RC4-128")
+    writer.encrypt(user_password="", owner_password="owner", algorithm=algorithm)
     out = io.BytesIO()
     writer.write(out)
     return out.getvalue()
@@ -350,6 +353,8 @@ def macro_workbook() -> bytes:
 
 HOSTILE: dict[str, tuple[str, Callable[[], bytes]]] = {
     "encrypted": ("secret.pdf", encrypted_pdf),
+    "owner_password_rc4": ("rules.pdf", owner_only_pdf),
+    "owner_password_aes": ("rules-aes.pdf", lambda: owner_only_pdf("AES-256")),
     "truncated": ("truncated.pdf", truncated_pdf),
     "not_a_pdf": ("report.pdf", not_a_pdf),
     "circular_xref": ("circle.pdf", circular_xref_pdf),

@@ -38,6 +38,8 @@ MB = 1024 * 1024
 # Each hostile file and the words its outcome must contain: a refusal's sentence, or text that was read.
 OUTCOMES = {
     "encrypted": "this PDF is password-protected",
+    "owner_password_rc4": "Readable despite the rules",
+    "owner_password_aes": "Readable despite the rules",
     "truncated": "this PDF is damaged and could not be read",
     "not_a_pdf": "this file is not a PDF",
     "circular_xref": "Round and round",
