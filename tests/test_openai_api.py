@@ -276,20 +276,34 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot_and_is_recorded_can
 ) -> None:
     api.sim.tokens_per_s = 10  # 30 tokens: 3 s per answer
     api.sim.default_tokens = 30
-    users = new_users(api, MAX_CONCURRENT + 1)
+    users = new_users(api, MAX_CONCURRENT + 2)
     streams = []
     for _, key in users[:MAX_CONCURRENT]:  # every slot taken, each answer under way
         stream = api.client(key).chat.completions.create(model=f"agent:{AGENT}", messages=HELLO, stream=True)
         first = next(c for c in stream if c.choices and c.choices[0].delta.content)
         assert first.choices[0].delta.content
         streams.append(stream)
-    streams[0].close()  # the first client goes away
+    # A client waiting in the queue gives up (nothing is sent while it waits): its place is given back.
+    waiting_user, waiting_key = users[MAX_CONCURRENT + 1]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{api.base_url}/chat/completions",
+            headers={"Authorization": f"Bearer {waiting_key}"},
+            json={"model": f"agent:{AGENT}", "messages": HELLO, "stream": True},
+            timeout=httpx.Timeout(5, read=0.5),
+        )
+    (waited,) = wait_final(api, waiting_user, count=1)
+    assert waited.status == "cancelled" and waited.response == "" and waited.queue_ms is None
+    assert len(api.sim.requests) == MAX_CONCURRENT
+    streams[0].close()  # the first client goes away mid-answer
 
     (gone,) = wait_final(api, users[0][0], count=1)
     assert gone.status == "cancelled" and gone.response.startswith("Echo:")
     # The slot is free at once: the next request is served while the other three are still generating.
     api.sim.script("short answer")
-    quick = api.client(users[-1][1]).chat.completions.create(model=f"agent:{AGENT}", messages=HELLO)
+    quick = api.client(users[MAX_CONCURRENT][1]).chat.completions.create(
+        model=f"agent:{AGENT}", messages=HELLO
+    )
     assert quick.choices[0].message.content == "short answer"
     others = [r for name, _ in users[1:MAX_CONCURRENT] for r in records(api, name)]
     assert [r.status for r in others] == ["started"] * (MAX_CONCURRENT - 1)
@@ -297,7 +311,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot_and_is_recorded_can
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert api.sim.max_active <= MAX_CONCURRENT
     final = wait_final(api, *(name for name, _ in users), count=len(users))
-    assert sorted(r.status for r in final) == ["cancelled"] + ["ok"] * MAX_CONCURRENT
+    assert sorted(r.status for r in final) == ["cancelled"] * 2 + ["ok"] * MAX_CONCURRENT
 
 
 def test_the_rate_limit_answers_429_with_retry_after_and_is_recorded(api: ApiServer) -> None:
