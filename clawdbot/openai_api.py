@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -121,6 +122,12 @@ class _Completion:
             events = self._open()
         except ApiError as exc:
             self._put(_Failure(exc))
+            self._put(_END)
+            return
+        except SQLAlchemyError:
+            log.exception("the HTTP API could not reach the database")
+            unavailable = ApiError(503, "the database did not answer; try again shortly", type="server_error")
+            self._put(_Failure(unavailable))
             self._put(_END)
             return
         except Exception:

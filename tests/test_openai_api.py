@@ -328,3 +328,23 @@ def test_the_rate_limit_answers_429_with_retry_after_and_is_recorded(api: ApiSer
     )
     found = wait_final(api, user, count=4)
     assert [r.status for r in found] == ["ok", "ok", "ok", "rate_limited"]
+
+
+def test_a_model_failing_mid_answer_ends_the_stream_with_an_error_event_and_before_it_with_502(
+    api: ApiServer,
+) -> None:
+    user, key = new_user(api)
+    api.sim.fail_next("error_chunk", after_chunks=8)  # 5 chunks of thinking, then 3 of the answer
+    stream = api.client(key).chat.completions.create(model=f"agent:{AGENT}", messages=HELLO, stream=True)
+    received: list[str] = []
+    with pytest.raises(openai.APIError, match="llama runner process has terminated"):
+        for chunk in stream:
+            received += [chunk.choices[0].delta.content or ""] if chunk.choices else []
+    assert "".join(received) == "Echo: hello there "
+    api.sim.fail_next("http_500")
+    with pytest.raises(openai.APIStatusError, match="llama runner process has terminated") as failed:
+        api.client(key).chat.completions.create(model=f"agent:{AGENT}", messages=HELLO, stream=True)
+    assert failed.value.status_code == 502 and failed.value.code == "model_unavailable"
+    found = wait_final(api, user, count=2)
+    assert [r.status for r in found] == ["error", "error"]
+    assert found[0].response == "Echo: hello there " and "part-way" in found[0].error
