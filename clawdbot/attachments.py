@@ -141,6 +141,9 @@ def display_name(name: str) -> str:
     return cleaned[:NAME_LIMIT] or "attachment"
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 class AttachmentStore:
     """Reads uploads (through `clawdbot.extraction`), stores them by SHA-256, and loads them back as Documents."""
 
@@ -264,6 +267,15 @@ class AttachmentStore:
             if request_id is not None:
                 names.setdefault(request_id, []).append(name)
         return names
+
+    def original(self, sha256: str) -> bytes | None:
+        """The stored bytes of an attached file (for an auditor's download); None when they are not kept here."""
+        if not _SHA256.fullmatch(sha256):
+            return None
+        try:
+            return (self.root / sha256[:2] / sha256).read_bytes()
+        except FileNotFoundError:
+            return None
 
     @staticmethod
     def _relative_path(sha256: str, kind: str) -> str:

@@ -276,6 +276,12 @@ def record_verification(
     return result
 
 
+def record_download(store: AuditStore, actor: str, request_id: int, attachment: dict[str, Any]) -> None:
+    """An auditor took a copy of a file someone attached: which record, which file, as an `audit.download` event."""
+    details = {"request_id": request_id, "name": attachment.get("name"), "sha256": attachment.get("sha256")}
+    store.record_event(actor, "audit.download", f"request {request_id}", details)
+
+
 def pretty_json(text: str) -> Any:
     """A stored JSON column as data for display; text that is not JSON is returned as it is."""
     try:

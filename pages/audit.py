@@ -12,11 +12,21 @@ from typing import Any
 
 import streamlit as st
 
-from clawdbot.audit_query import SORTABLE, AuditExplorer, Cursor, Page, Sort, pretty_json, record_verification
+from clawdbot.audit_query import (
+    SORTABLE,
+    AuditExplorer,
+    Cursor,
+    Page,
+    Sort,
+    pretty_json,
+    record_download,
+    record_verification,
+)
 from clawdbot.errors import ClawdbotError
 from clawdbot.export import FORMATS, export_records
 from clawdbot.models import Status
 from clawdbot.records import AuditFilter
+from ui.markdown import escape
 from ui.session import require_page, runtime
 
 identity = require_page("audit")
@@ -186,6 +196,24 @@ def _export(audit_filter: AuditFilter) -> None:
             )
 
 
+def _attachment_downloads(request_id: int, attachments: list[dict[str, Any]]) -> None:
+    """A download button per attached file kept on this server; each download is an audit event."""
+    for index, attachment in enumerate(attachments):
+        data = rt.chat.attachments.original(attachment["sha256"])
+        if data is None:
+            st.caption(f"{escape(attachment['name'])}: the file itself is not kept on this server.")
+            continue
+        st.download_button(
+            f"Download {escape(attachment['name'])}",
+            data,
+            file_name=attachment["name"],
+            mime="application/octet-stream",
+            key=f"attachment_{request_id}_{index}",
+            on_click=record_download,
+            args=(rt.store, viewer.name, request_id, attachment),
+        )
+
+
 def _detail(request_id: int) -> None:
     try:
         record = explorer.detail(viewer, request_id)
@@ -228,8 +256,9 @@ def _detail(request_id: int) -> None:
             st.code(r["thinking"], language=None, wrap_lines=True)
     st.caption("Tool calls")
     st.json(pretty_json(r["tool_calls"]), expanded=2)
-    st.caption("Attachments (downloads come with the attachment store)")
+    st.caption("Attachments")
     st.dataframe(record.attachments or pretty_json(r["attachments"]), hide_index=True)
+    _attachment_downloads(request_id, record.attachments)
     if record.agent_version:
         version = record.agent_version
         with st.expander(f"Agent {version['agent']} version {version['version']}: model {version['model']}"):

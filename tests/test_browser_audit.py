@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect
+from sqlalchemy import func, select
 
 from clawdbot.audit import AuditStore
+from clawdbot.models import Request
 from tests.browser_helpers import LiveServer, sign_in
 
 
@@ -68,3 +72,41 @@ def test_staff_typing_the_url_are_not_permitted(server: LiveServer, page: Page) 
     expect(page.get_by_text("Not permitted")).to_be_visible()
     expect(page.get_by_role("heading", name="Audit")).to_have_count(0)
     expect(page.get_by_test_id("stSidebarNav")).not_to_contain_text("Audit")
+
+
+def test_an_auditor_downloads_an_attached_file_and_the_download_is_an_event(
+    server: LiveServer, page: Page
+) -> None:
+    agent = server.cli("agent", "add", "reader", "--model", "qwen3:32b", "--system-prompt", "Read files.")
+    assert agent.returncode == 0, agent.stderr
+    sheet = server.workdir / "prices.csv"
+    sheet.write_bytes(b"city,price\nOslo,7\n=cmd|' /C calc'!A0,1\n")
+    asked = server.cli("ask", "What is in it?", "--agent", "reader", "--user", "sam", "--attach", str(sheet))
+    assert asked.returncode == 0, asked.stderr
+    db = server.database()
+    try:
+        with db.read() as session:
+            request_id = session.scalar(select(func.max(Request.id)))
+    finally:
+        db.dispose()
+
+    sign_in(page, server, "aud", path="/audit")
+    page.get_by_label("Open record by id").fill(str(request_id))
+    page.get_by_role("button", name="Open record").click()
+    expect(page.get_by_role("heading", name=f"Request {request_id}")).to_be_visible()
+    with page.expect_download() as download_info:
+        page.get_by_role("button", name="Download prices.csv").click()
+    download = download_info.value
+    assert download.suggested_filename == "prices.csv"
+    assert Path(download.path()).read_bytes() == sheet.read_bytes()  # the file as attached, byte for byte
+
+    result = server.cli("audit", "export", "--kind", "events", "--format", "jsonl", "-o", "downloads.jsonl")
+    assert result.returncode == 0, result.stderr
+    downloads = [
+        json.loads(line)
+        for line in (server.workdir / "downloads.jsonl").read_text(encoding="utf-8").splitlines()
+        if '"audit.download"' in line
+    ]
+    assert len(downloads) == 1
+    assert downloads[0]["actor"] == "aud" and downloads[0]["target"] == f"request {request_id}"
+    assert downloads[0]["details"]["name"] == "prices.csv"
