@@ -19,6 +19,7 @@ from clawdbot.errors import UsageError
 from clawdbot.gateway import ChatRequest, ContextPlanned, Finished, Gateway, GatewayEvent, Queued, Started
 from clawdbot.http_tools import HttpTools
 from clawdbot.outbound import OutboundPolicy
+from clawdbot.secret_box import SecretBox
 from clawdbot.tools import Toolbox, ToolResult
 
 MAX_PROMPT_CHARS = 200_000
@@ -49,7 +50,9 @@ class ChatService:
         self.gateway = gateway
         self.attachments = AttachmentStore(conversations.db, gateway.settings)
         allowlist = gateway.settings.allowlisted_hosts
-        self.http_tools = http_tools or HttpTools(agents.db, allowlist)
+        self.http_tools = http_tools or HttpTools(
+            agents.db, SecretBox(gateway.settings.session_secret()), allowlist
+        )
         self.outbound = OutboundPolicy(allowlist)
 
     def _with_tools(self, request: ChatRequest, names: Sequence[str]) -> ChatRequest:

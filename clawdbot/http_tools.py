@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -34,6 +35,7 @@ from clawdbot.db import Database
 from clawdbot.errors import NotFoundError, UsageError
 from clawdbot.models import Tool
 from clawdbot.outbound import OutboundPolicy, fetch, literal_address, refusal_reason
+from clawdbot.secret_box import SecretBox, SecretUnreadableError
 
 MASK = "••••••"
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
@@ -46,6 +48,8 @@ MAX_SCHEMA_CHARS = 20_000
 MIN_TIMEOUT_S, MAX_TIMEOUT_S = 0.5, 60.0
 MAX_RESPONSE_CAP = 10_000_000
 EMPTY_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -283,14 +287,27 @@ class HttpToolInfo:
     created_at: datetime | None
 
 
-def _config_of(tool: Tool) -> HttpToolConfig:
+def _open_headers(tool: Tool, box: SecretBox) -> dict[str, str]:
+    """The header values in clear; one this server cannot open is left empty, with a warning naming the header."""
+    headers: dict[str, str] = {}
+    for name, value in json.loads(tool.headers or "{}").items():
+        try:
+            headers[name] = box.open(value)
+        except SecretUnreadableError as exc:
+            log.warning("HTTP tool %s, header %s: %s", tool.name, name, exc.message)
+            headers[name] = ""
+    return headers
+
+
+def _config_of(tool: Tool, box: SecretBox) -> HttpToolConfig:
+    headers = _open_headers(tool, box)
     return HttpToolConfig(
         name=tool.name,
         description=tool.description,
         url=tool.url,
         parameters=json.loads(tool.parameters or "{}") or dict(EMPTY_SCHEMA),
         method=tool.method,
-        headers=json.loads(tool.headers or "{}"),
+        headers=headers,
         timeout_s=tool.timeout_s,
         max_response_bytes=tool.max_response_bytes,
         disabled=tool.disabled,
@@ -298,16 +315,20 @@ def _config_of(tool: Tool) -> HttpToolConfig:
 
 
 class HttpTools:
-    """The admin-defined HTTP tools in the tools table; every change is an event in the audit chain."""
+    """The admin-defined HTTP tools in the tools table; every change is an event in the audit chain.
 
-    def __init__(self, db: Database, allowlist: frozenset[str] = frozenset()) -> None:
+    Header values (API tokens) are stored sealed by `box`, so the database alone does not give them away.
+    """
+
+    def __init__(self, db: Database, box: SecretBox, allowlist: frozenset[str] = frozenset()) -> None:
         self.db = db
+        self.box = box
         self.allowlist = allowlist
 
     def all(self) -> list[HttpToolInfo]:
         with self.db.read() as session:
             rows = session.scalars(select(Tool).where(Tool.kind == "http").order_by(Tool.name))
-            return [HttpToolInfo(t.id, _config_of(t), t.created_at) for t in rows]
+            return [HttpToolInfo(t.id, _config_of(t, self.box), t.created_at) for t in rows]
 
     def enabled(self, names: tuple[str, ...] | list[str]) -> dict[str, HttpToolConfig]:
         """The enabled HTTP tools among `names`, by name."""
@@ -317,11 +338,11 @@ class HttpTools:
             rows = session.scalars(
                 select(Tool).where(Tool.kind == "http", Tool.disabled.is_(False), Tool.name.in_(list(names)))
             )
-            return {t.name: _config_of(t) for t in rows}
+            return {t.name: _config_of(t, self.box) for t in rows}
 
     def get(self, name: str) -> HttpToolConfig:
         with self.db.read() as session:
-            return _config_of(self._find(session, name))
+            return _config_of(self._find(session, name), self.box)
 
     def save(self, actor: str, config: HttpToolConfig, *, original: str | None = None) -> HttpToolConfig:
         """Add a tool (`original` None) or change the one called `original`; raises UsageError on a problem."""
@@ -345,7 +366,8 @@ class HttpTools:
                 tool.url = config.url
                 tool.parameters = json.dumps(config.parameters, ensure_ascii=False)
                 tool.method = config.method
-                tool.headers = json.dumps(config.headers, ensure_ascii=False)
+                sealed = {name: self.box.seal(value) for name, value in config.headers.items()}
+                tool.headers = json.dumps(sealed, ensure_ascii=False)
                 tool.timeout_s = config.timeout_s
                 tool.max_response_bytes = config.max_response_bytes
                 tool.disabled = config.disabled

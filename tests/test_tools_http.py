@@ -17,8 +17,9 @@ from clawdbot.agents import AgentConfig
 from clawdbot.db import Database
 from clawdbot.errors import UsageError
 from clawdbot.http_tools import MASK, HttpToolConfig, HttpTools, build_call, config_from_form, parse_headers
-from clawdbot.models import Event, Message
+from clawdbot.models import Event, Message, Tool
 from clawdbot.runtime import Runtime
+from clawdbot.secret_box import PREFIX, SecretBox
 from clawdbot.settings import load_settings
 from clawdbot.tools import ToolResult
 from tests.app_helpers import AppHarness, messages
@@ -130,7 +131,7 @@ def test_arguments_fill_placeholders_encoded_and_the_rest_go_as_query_or_json() 
 
 
 def test_tools_are_saved_changed_and_disabled_with_events_that_hold_no_secret(db: Database) -> None:
-    tools = HttpTools(db)
+    tools = HttpTools(db, SecretBox("s" * 48))
     tools.save("boss", weather("https://api.example.org/w/{city}"))
     changed = parse_headers(f"Authorization: {MASK}\nX-Team: blue", tools.get("weather").headers)
     tools.save("boss", weather("https://api.example.org/v2/{city}", headers=changed), original="weather")
@@ -262,3 +263,20 @@ def test_an_admin_adds_an_http_tool_on_the_agents_page_and_its_secret_is_never_s
     saved = app_harness.runtime.chat.http_tools.get("weather")
     assert saved.headers == {"Authorization": f"Bearer {SECRET}"} and saved.timeout_s == 3.0
     assert "weather" in app_harness.runtime.agents.tool_names()
+
+
+def test_header_values_are_stored_sealed_and_a_changed_key_leaves_them_empty_with_a_warning(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    HttpTools(db, SecretBox("k" * 48)).save("boss", weather("https://api.example.org/w/{city}"))
+    with db.read() as session:
+        stored = json.loads(session.scalars(select(Tool.headers).where(Tool.name == "weather")).one())
+    assert stored["Authorization"].startswith(PREFIX) and SECRET not in stored["Authorization"]
+    assert HttpTools(db, SecretBox("k" * 48)).get("weather").headers["Authorization"] == f"Bearer {SECRET}"
+
+    with caplog.at_level(logging.WARNING, logger="clawdbot.http_tools"):
+        reopened = HttpTools(db, SecretBox("another key" * 5)).get("weather")
+    assert reopened.headers["Authorization"] == ""
+    assert (
+        "CLAWDBOT_SECRET_KEY" in caplog.text and "Authorization" in caplog.text and SECRET not in caplog.text
+    )
