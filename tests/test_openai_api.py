@@ -349,3 +349,24 @@ def test_a_model_failing_mid_answer_ends_the_stream_with_an_error_event_and_befo
     found = wait_final(api, user, count=2)
     assert [r.status for r in found] == ["error", "error"]
     assert found[0].response == "Echo: hello there " and "part-way" in found[0].error
+
+
+def test_a_history_longer_than_the_budget_is_cut_like_a_chat_on_the_page(api: ApiServer) -> None:
+    user, key = new_user(api)
+    turn = "word " * 900  # about 900 tokens a message
+    history = [{"role": r, "content": f"{i} {turn}"} for i in range(12) for r in ("user", "assistant")]
+    response = httpx.post(
+        f"{api.base_url}/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": f"agent:{AGENT}", "messages": [*history, {"role": "user", "content": "and now?"}]},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    dropped = int(response.headers["x-clawdbot-dropped-messages"])
+    assert dropped > 0 and response.headers["x-clawdbot-request-id"] == response.json()["id"].split("-")[1]
+    (record,) = wait_final(api, user, count=1)
+    assert record.truncated and record.dropped_messages == dropped
+    assert record.context_tokens_after is not None and record.context_tokens_after <= 7500
+    sent = api.sim.requests[-1]["body"]["messages"]
+    assert sent[0]["content"] == AGENT_PROMPT and sent[-1] == {"role": "user", "content": "and now?"}
+    assert len(sent) == 1 + len(history) - dropped + 1
