@@ -25,7 +25,7 @@ if identity is None:
 allowed = pages_for(identity.user)
 allowed_paths = {page.url_path for page in allowed}
 registered = [
-    st.Page(PAGES_DIR / f"{page.url_path}.py", title=page.title, icon=page.icon, url_path=page.url_path)
+    st.Page(PAGES_DIR / page.script, title=page.title, icon=page.icon, url_path=page.url_path)
     for page in allowed
 ]
 # The pages this user may not use answer "not permitted" at their URL instead of falling back to another page.

@@ -23,6 +23,11 @@ class PageAccess:
     icon: str
     roles: frozenset[Role]
 
+    @property
+    def script(self) -> str:
+        """The page's file in `pages/`: its URL path as a module name ("api-keys" is pages/api_keys.py)."""
+        return f"{self.url_path.replace('-', '_')}.py"
+
 
 PAGES: tuple[PageAccess, ...] = (
     PageAccess("chat", "Chat", ":material/chat:", frozenset({Role.STAFF})),

@@ -14,6 +14,11 @@ from tests.app_helpers import APP, PASSWORD, AppHarness
 ROLE_SETS = [("staff",), ("admin",), ("auditor",), ("staff", "admin", "auditor")]
 
 
+def test_every_page_in_the_table_has_its_file_and_every_file_a_row() -> None:
+    pages_dir = APP.with_name("pages")
+    assert sorted(page.script for page in PAGES) == sorted(p.name for p in pages_dir.glob("*.py"))
+
+
 @pytest.mark.parametrize("roles", ROLE_SETS, ids="+".join)
 def test_every_page_opens_only_for_its_roles(app_harness: AppHarness, roles: tuple[str, ...]) -> None:
     name = app_harness.user("u_" + "_".join(roles), *roles)
