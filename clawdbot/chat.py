@@ -106,22 +106,15 @@ class ChatService:
             messages.append({"role": "system", "content": config.system_prompt})
         messages.extend(m.for_model() for m in history)
         messages.append({"role": "user", "content": prompt})
-        request = ChatRequest(
+        request = agent_request(
+            config,
+            messages,
             user=user,
-            messages=messages,
-            model=config.model,
             prompt=prompt,
-            fallback_model=config.fallback_model,
             client_ip=client_ip,
+            version=info,
             conversation_id=conversation_id,
-            agent=info.name,
-            agent_version=info.version,
-            agent_version_id=info.version_id,
-            think=config.think if think is None else think,
-            context_budget=config.context_budget,
-            max_output_tokens=config.max_output_tokens,
-            temperature=config.temperature,
-            top_p=config.top_p,
+            think=think,
         )
         problem = _check_prompt(prompt)
         batch = self.attachments.read_all(attachments) if attachments and not problem else AttachmentBatch()
@@ -206,20 +199,7 @@ class ChatService:
         if config.system_prompt:
             messages.append({"role": "system", "content": config.system_prompt})
         messages.append({"role": "user", "content": prompt})
-        request = ChatRequest(
-            user=user,
-            messages=messages,
-            model=config.model,
-            prompt=prompt,
-            fallback_model=config.fallback_model,
-            client_ip=client_ip,
-            agent=label,
-            think=config.think,
-            context_budget=config.context_budget,
-            max_output_tokens=config.max_output_tokens,
-            temperature=config.temperature,
-            top_p=config.top_p,
-        )
+        request = agent_request(config, messages, user=user, prompt=prompt, client_ip=client_ip, agent=label)
         request = self._with_tools(request, config.tools)
         rejected = _check_prompt(prompt)
         if rejected:
@@ -241,6 +221,41 @@ class ChatService:
             events.close()  # a try-out stopped half-way is finalized (cancelled) before its event is written
             if request_id is not None:
                 self.agents.record_trial(user, label, request_id, status, config.model)
+
+
+def agent_request(
+    config: AgentConfig,
+    messages: list[dict[str, Any]],
+    *,
+    user: str,
+    prompt: str,
+    client_ip: str = "",
+    version: AgentInfo | None = None,
+    agent: str = "",
+    conversation_id: int | None = None,
+    think: bool | None = None,
+) -> ChatRequest:
+    """The gateway request for one turn under an agent's settings: a saved `version`, or a draft named `agent`.
+
+    One place maps the settings to the request, so the chat, the try box and the HTTP API send alike.
+    """
+    return ChatRequest(
+        user=user,
+        messages=messages,
+        model=config.model,
+        prompt=prompt,
+        fallback_model=config.fallback_model,
+        client_ip=client_ip,
+        conversation_id=conversation_id,
+        agent=version.name if version is not None else agent,
+        agent_version=version.version if version is not None else None,
+        agent_version_id=version.version_id if version is not None else None,
+        think=config.think if think is None else think,
+        context_budget=config.context_budget,
+        max_output_tokens=config.max_output_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+    )
 
 
 def _check_prompt(prompt: str) -> str:

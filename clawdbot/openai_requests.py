@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.responses import JSONResponse
 
-from clawdbot.chat import MAX_PROMPT_CHARS
+from clawdbot.chat import MAX_PROMPT_CHARS, agent_request
 from clawdbot.errors import NotFoundError
 from clawdbot.gateway import ChatRequest, Finished
 from clawdbot.models import Role, Status
@@ -261,18 +261,16 @@ def chat_request(runtime: Runtime, user: UserInfo, params: CompletionParams, cli
         )
     config = agent.config
     instructions = [config.system_prompt, *system] if config.system_prompt else system
-    return ChatRequest(
+    request = agent_request(
+        config,
+        _with_system(instructions, turns),
         user=user.name,
-        messages=_with_system(instructions, turns),
-        model=config.model,
         prompt=turns[-1]["content"],
-        fallback_model=config.fallback_model,
         client_ip=client_ip,
-        agent=agent.name,
-        agent_version=agent.version,
-        agent_version_id=agent.version_id,
-        think=config.think,
-        context_budget=config.context_budget,
+        version=agent,
+    )
+    return replace(
+        request,
         # A client may ask for less than the agent's output limit, never for more.
         max_output_tokens=min(params.max_tokens or config.max_output_tokens, config.max_output_tokens),
         temperature=config.temperature if params.temperature is None else params.temperature,
