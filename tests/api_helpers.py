@@ -7,7 +7,6 @@ database by the test process, which is much faster than one CLI process each.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,8 +19,7 @@ from clawdbot.agents import AgentConfig, Agents
 from clawdbot.api_keys import ApiKeys
 from clawdbot.db import Database
 from clawdbot.users import Users
-from tests.browser_helpers import _wait_until_serving
-from tests.cli_helpers import CLAWDBOT, clean_env, free_port
+from tests.cli_helpers import clawdbot_run, clean_env
 from tests.ollama_sim import OllamaSimulator
 
 PASSWORD = "correct horse battery"
@@ -65,25 +63,13 @@ class ApiServer:
 def serve_api(tmp_path_factory: pytest.TempPathFactory, **settings: str) -> Iterator[ApiServer]:
     """Serve the app with `settings` (environment names) and the agent `helper` on the simulator."""
     workdir = tmp_path_factory.mktemp("api")
-    port = free_port()
     with OllamaSimulator() as sim:
         db_url = f"sqlite:///{workdir / 'clawdbot.db'}"
         env = clean_env(db_url, workdir / "data", OLLAMA_HOST=sim.url, CLAWDBOT_BACKEND="ollama", **settings)
-        log = (workdir / "server.log").open("w")
-        proc = subprocess.Popen(
-            [CLAWDBOT, "run", "--port", str(port)], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        url = f"http://127.0.0.1:{port}"
-        db = Database(db_url)
-        try:
-            _wait_until_serving(url, proc, workdir / "server.log")
-            Agents(db).add("admin", AGENT, AgentConfig(model="qwen3:32b", system_prompt=AGENT_PROMPT))
-            yield ApiServer(url, db, sim, workdir, env)
-        finally:
-            proc.terminate()
+        with clawdbot_run(workdir, env) as url:
+            db = Database(db_url)
             try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
-            db.dispose()
+                Agents(db).add("admin", AGENT, AgentConfig(model="qwen3:32b", system_prompt=AGENT_PROMPT))
+                yield ApiServer(url, db, sim, workdir, env)
+            finally:
+                db.dispose()

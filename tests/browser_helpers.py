@@ -7,22 +7,19 @@ operator starts it; tests reach its database through the CLI or a `Database` of 
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from clawdbot.db import Database
-from tests.cli_helpers import CLAWDBOT, clean_env, free_port, run_cli
+from tests.cli_helpers import clawdbot_run, clean_env, run_cli
 from tests.ollama_sim import OllamaSimulator
 
 CHROMIUM = Path("/usr/bin/chromium")
 PASSWORD = "correct horse battery"
-START_TIMEOUT = 90.0
 # Streamlit reruns and the app's first page load are slow on a busy two-core CI machine.
 expect.set_options(timeout=20_000)
 
@@ -57,41 +54,13 @@ class LiveServer:
 def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """`clawdbot run` serving the UI and HTTP routes, its model server the simulator (one per test module)."""
     workdir = tmp_path_factory.mktemp("live")
-    port = free_port()
     with OllamaSimulator() as sim:
         db_url = f"sqlite:///{workdir / 'clawdbot.db'}"
         env = clean_env(
             db_url, workdir / "data", OLLAMA_HOST=sim.url, CLAWDBOT_BACKEND="ollama", CLAWDBOT_RATE_LIMIT=""
         )
-        log = (workdir / "server.log").open("w")
-        proc = subprocess.Popen(
-            [CLAWDBOT, "run", "--port", str(port)], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            _wait_until_serving(url, proc, workdir / "server.log")
+        with clawdbot_run(workdir, env) as url:
             yield LiveServer(url, db_url, workdir, sim, env)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
-
-
-def _wait_until_serving(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"clawdbot run exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/signin", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"clawdbot run did not serve {url} within {START_TIMEOUT:.0f} s:\n{log.read_text()}")
 
 
 def launch_browser() -> Iterator[Browser]:
