@@ -356,6 +356,8 @@ class RequestRollup(Base):
     """
 
     __tablename__ = "request_rollups"
+    # On SQLite the rows live in the primary key's b-tree, so a window is one range read (no row lookups).
+    __table_args__ = ({"sqlite_with_rowid": False},)
 
     bucket_s: Mapped[int] = mapped_column(Integer, primary_key=True)
     bucket_start: Mapped[datetime] = mapped_column(primary_key=True)
@@ -374,6 +376,7 @@ class TimingRollup(Base):
     """
 
     __tablename__ = "timing_rollups"
+    __table_args__ = ({"sqlite_with_rowid": False},)
 
     bucket_s: Mapped[int] = mapped_column(Integer, primary_key=True)
     bucket_start: Mapped[datetime] = mapped_column(primary_key=True)

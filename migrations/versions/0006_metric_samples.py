@@ -51,6 +51,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint(
             "bucket_s", "bucket_start", "agent", "model", "status", name=op.f("pk_request_rollups")
         ),
+        sqlite_with_rowid=False,
     )
     op.create_table(
         "timing_rollups",
@@ -69,6 +70,7 @@ def upgrade() -> None:
         sa.Column("ttft_p95", sa.Float(), nullable=True),
         sa.Column("decode_p50", sa.Float(), nullable=True),
         sa.PrimaryKeyConstraint("bucket_s", "bucket_start", name=op.f("pk_timing_rollups")),
+        sqlite_with_rowid=False,
     )
     op.create_table(
         "rollup_state",
