@@ -180,13 +180,14 @@ def refusals_last_minute(db: Database, now: datetime | None = None) -> dict[str,
     """Busy and rate-limited answers recorded in the last 60 s, by every process sharing the database."""
     since = (now or utcnow()) - timedelta(seconds=60)
     with db.engine.connect() as conn:
-        # No condition on status: SQLite would pick the status index and count every refusal ever recorded
-        # (43 ms at a million records) instead of the last minute's few rows by `finished_at`.
-        rows = conn.execute(
-            select(Request.status, func.count()).where(Request.finished_at >= since).group_by(Request.status)
-        ).all()
-    counts = dict.fromkeys(REFUSED, 0)
-    counts.update({status: int(n) for status, n in rows if status in counts})
+        # Only the `finished_at` range, no status condition and no GROUP BY: with either, SQLite picked the
+        # status index and went through every refusal ever (43 ms), or the whole index in order (over 500 ms),
+        # at a million records. The last minute holds a few hundred rows at most; they are counted here.
+        statuses = conn.execute(select(Request.status).where(Request.finished_at >= since)).scalars()
+        counts = dict.fromkeys(REFUSED, 0)
+        for status in statuses:
+            if status in counts:
+                counts[status] += 1
     return counts
 
 
