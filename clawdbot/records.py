@@ -204,16 +204,35 @@ class AuditFilter:
         return terms
 
 
-def _search_condition(text: str, dialect: str | None) -> ColumnElement[bool]:
-    pattern = _like_pattern(text)
-    like = or_(Request.prompt.ilike(pattern, escape="\\"), Request.response.ilike(pattern, escape="\\"))
+def indexed_phrase(text: str, dialect: str | None) -> str | None:
+    """The FTS5 query for `text` when the SQLite trigram index can answer it, else None (LIKE it is).
+
+    A quoted FTS5 string is one phrase: with the trigram tokenizer, a substring match of the whole text.
+    """
     if dialect != "sqlite" or len(text) < MIN_INDEXED_SEARCH:
+        return None
+    return '"' + text.replace('"', '""') + '"'
+
+
+def search_matches(phrase: str) -> ColumnElement[bool]:
+    """The WHERE term that asks the full-text index (its table must be in the FROM clause)."""
+    return literal_column(SEARCH_TABLE).op("MATCH")(phrase)
+
+
+def text_contains(text: str) -> ColumnElement[bool]:
+    """`text` in the prompt or the response, any case, by LIKE: what the index answers for finalized requests."""
+    pattern = _like_pattern(text)
+    return or_(Request.prompt.ilike(pattern, escape="\\"), Request.response.ilike(pattern, escape="\\"))
+
+
+def _search_condition(text: str, dialect: str | None) -> ColumnElement[bool]:
+    like = text_contains(text)
+    phrase = indexed_phrase(text, dialect)
+    if phrase is None:
         return like
-    # A quoted FTS5 string is one phrase: with the trigram tokenizer, a substring match of the whole text.
-    phrase = '"' + text.replace('"', '""') + '"'
     matches: Select[Any] = (
-        select(literal_column("rowid"))
-        .select_from(table(SEARCH_TABLE))
-        .where(literal_column(SEARCH_TABLE).op("MATCH")(phrase))
+        select(literal_column("rowid")).select_from(table(SEARCH_TABLE)).where(search_matches(phrase))
     )
+    # The index holds finalized requests (a trigger adds each as it is finalized); requests still running are
+    # few and are matched by LIKE.
     return or_(Request.id.in_(matches), and_(Request.status == Status.STARTED.value, like))

@@ -381,3 +381,35 @@ def test_unknown_sort_or_bad_range_is_refused() -> None:
         AuditFilter(min_latency_ms=5, max_latency_ms=1)
     with pytest.raises(UsageError, match="unknown status"):
         AuditFilter(statuses=("done",))
+
+
+@pytest.mark.parametrize("column", ["started_at", "id"])
+def test_a_search_pages_forward_and_back_through_every_match_running_requests_included(
+    db: Database, store: AuditStore, column: str
+) -> None:
+    """On SQLite the page walks the full-text index in arrival order; the pages must still be the filter's rows."""
+    explorer = AuditExplorer(db)
+    expected = []
+    for i in range(11):
+        user = "erin" if i % 3 else "finn"
+        prompt = f"invoice {i}" if i % 2 else f"发票 {i}"
+        request_id = store.start_request(user=user, prompt=prompt)
+        response = "the invoice total" if i % 4 == 0 else "done"
+        if i != 7:  # one is still running: not in the index yet
+            store.finish_request(request_id, "ok", response=response)
+        found = "invoice" in prompt or (i != 7 and "invoice" in response)
+        if user == "erin" and found:
+            expected.append(request_id)
+    expected.sort(reverse=True)
+    audit_filter = AuditFilter(search="Invoice", users=("erin",))
+    assert explorer.count(AUDITOR, audit_filter) == len(expected) > 3
+
+    pages = [explorer.page(AUDITOR, audit_filter, Sort(column), limit=3)]
+    while pages[-1].has_next:
+        pages.append(explorer.page(AUDITOR, audit_filter, Sort(column), pages[-1].last, limit=3))
+    assert [row["id"] for page in pages for row in page.rows] == expected
+    assert not pages[0].has_previous and all(page.has_previous for page in pages[1:])
+    back = explorer.page(AUDITOR, audit_filter, Sort(column), pages[-1].first, "previous", limit=3)
+    assert [row["id"] for row in back.rows] == [row["id"] for row in pages[-2].rows]
+    oldest_first = explorer.page(AUDITOR, audit_filter, Sort(column, descending=False), limit=100)
+    assert [row["id"] for row in oldest_first.rows] == expected[::-1]
