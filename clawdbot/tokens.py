@@ -17,7 +17,7 @@ Three counters behind one `TokenCounter` protocol, picked by `counter_for(model,
 
 * `EmbeddedCounter` (exact): the embedded GGUF model's own tokenizer through llama.cpp (vocab only, a few
   hundred ms to load, no weights), over the prompt `EmbeddedBackend` sends: the messages made plain by
-  `clawdbot.backends._plain_messages` and rendered with the model's ChatML template.
+  `clawdbot.backends.plain_messages` and rendered with the model's ChatML template.
 
 * `EstimateCounter` (not exact): for every other model. It never counts fewer tokens than a byte-level
   BPE tokenizer (Qwen, Llama 3, GPT, SmolLM, ...) produces for the same text, because every such token
@@ -376,7 +376,7 @@ class QwenCounter(_PieceCounter):
 class EmbeddedCounter(_PieceCounter):
     """Exact counts for the embedded GGUF model (SmolLM2 by default) through its own llama.cpp tokenizer.
 
-    The prompt is what `EmbeddedBackend` renders: `_plain_messages` (tool calls and results as sentences,
+    The prompt is what `EmbeddedBackend` renders: `plain_messages` (tool calls and results as sentences,
     thinking dropped, same-role runs merged) through the model's chat template; tools are not sent.
     A template other than ChatML is rendered whole by llama-cpp's Jinja formatter (exact, cached only as
     a whole).
@@ -457,9 +457,9 @@ class EmbeddedCounter(_PieceCounter):
             return self._llama.detokenize(ids, special=True).decode("utf-8", errors="replace")
 
     def _plain(self, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-        from clawdbot.backends import _plain_messages  # the backend's own conversion, so counts match
+        from clawdbot.backends import plain_messages  # the backend's own conversion, so counts match
 
-        return _plain_messages(messages)
+        return plain_messages(messages)
 
     def _pieces(
         self,

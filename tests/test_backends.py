@@ -35,9 +35,8 @@ from clawdbot.backends import (
     StreamBroken,
     ThinkingDelta,
     ToolCall,
-    _gguf_context_length,
-    _plain_messages,
 )
+from clawdbot.backends.embedded_model import gguf_context_length, plain_messages
 from clawdbot.settings import load_settings
 from tests.helpers import HELLO, MODEL, WEATHER_TOOL, run_threads
 from tests.ollama_sim import BUSY_MESSAGE, DEFAULT_THINKING, RUNNER_CRASH_MESSAGE, VERSION, OllamaSimulator
@@ -578,7 +577,7 @@ def test_embedded_model_ignores_tools_and_think_and_reads_tool_messages(embedded
 
 
 def test_tool_messages_become_plain_alternating_text() -> None:
-    plain = _plain_messages(
+    plain = plain_messages(
         [
             {"role": "user", "content": "Weather in Paris?"},
             {
@@ -617,7 +616,7 @@ def test_embedded_models_and_reachable(embedded: EmbeddedBackend) -> None:
 def test_embedded_context_is_clamped_to_the_trained_one(embedded: EmbeddedBackend) -> None:
     path = embedded.model_path
     assert path is not None
-    assert _gguf_context_length(path) == 8192
+    assert gguf_context_length(path) == 8192
     big = EmbeddedBackend(str(path), n_ctx=100_000)
     try:
         assert big.models()[0].context_length == 8192

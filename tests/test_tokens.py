@@ -21,7 +21,7 @@ import pytest
 import regex
 
 from clawdbot import tokens
-from clawdbot.backends import _plain_messages
+from clawdbot.backends import plain_messages
 from clawdbot.tokens import (
     QWEN3_SPECIAL_TOKENS,
     QWEN_PAT_STR,
@@ -358,7 +358,7 @@ def test_embedded_counter_matches_llama_cpps_own_tokenization() -> None:
         _random_conversation(rng, rng.randint(1, 6)) for _ in range(30)
     ]
     for messages in conversations:
-        prompt = formatter(messages=cast(Any, _plain_messages(messages))).prompt
+        prompt = formatter(messages=cast(Any, plain_messages(messages))).prompt
         ids = list(llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
         assert counter.render_prompt(messages) == prompt
         assert counter.count_messages(messages, TOOLS) == len(ids)
