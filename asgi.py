@@ -6,12 +6,16 @@ Sharing the process is what lets the UI and the HTTP routes share one gateway, h
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
 
 from clawdbot.runtime import shared_runtime
+from clawdbot.tcp_nodelay import disable_nagle_on_listeners
 from clawdbot.web import middleware, routes
 from ui.session import sso_providers
 
@@ -30,10 +34,18 @@ def on_script_error(exc: Exception) -> bool:
     return True
 
 
+@asynccontextmanager
+async def lifespan(_app: Any) -> AsyncIterator[None]:
+    """At start-up, before the first connection: TCP_NODELAY on the listening socket (see clawdbot.tcp_nodelay)."""
+    log.debug("TCP_NODELAY set on %d listening socket(s)", disable_nagle_on_listeners())
+    yield
+
+
 SSO_PROVIDERS = sso_providers()
 app = st.App(
     Path(__file__).with_name("app.py"),
     on_script_error=on_script_error,
+    lifespan=lifespan,
     routes=routes(shared_runtime, SSO_PROVIDERS),
     middleware=middleware(shared_runtime, sso=bool(SSO_PROVIDERS)),
 )
