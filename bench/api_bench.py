@@ -39,9 +39,9 @@ from typing import cast
 import httpx
 import ollama
 import openai
-from gateway_bench import MESSAGES, SimSpec, percentile, simulator
+from gateway_bench import MESSAGES, SimSpec, simulator
 from openai.types.chat import ChatCompletionMessageParam
-from report import log, markdown_table, verdict
+from report import log, markdown_table, percentile, verdict
 
 from clawdbot.agents import AgentConfig, Agents
 from clawdbot.api_keys import ApiKeys

@@ -53,7 +53,7 @@ from typing import Any
 
 import httpx
 import ollama
-from report import log, markdown_table, verdict
+from report import log, markdown_table, percentile, verdict
 from sqlalchemy import func, select
 
 from clawdbot.backends import ContentDelta
@@ -295,17 +295,6 @@ def run_gateway(gateway: Gateway, request: ChatRequest) -> Timing:
 
 
 # --- measurements --------------------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100), interpolated between the closest ranks."""
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    pos = (len(ordered) - 1) * q / 100
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 @dataclass

@@ -10,6 +10,17 @@ import time
 from collections.abc import Sequence
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100), interpolated between the closest ranks."""
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
 def verdict(ok: bool) -> str:
     """PASS when the goal is met, MISS when it is not (never a softer word)."""
     return "PASS" if ok else "MISS"

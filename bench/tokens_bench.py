@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from report import log, markdown_table, verdict
+from report import log, markdown_table, percentile, verdict
 
 from clawdbot.context import ContextPlan, cut_text, plan_context
 from clawdbot.tokens import QwenCounter, counter_for
@@ -132,17 +132,6 @@ def context_of(counter: QwenCounter, turns: list[list[dict[str, Any]]], budget: 
 
 
 # --- measurements --------------------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100), interpolated between the closest ranks."""
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    pos = (len(ordered) - 1) * q / 100
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def fresh_counter() -> QwenCounter:
