@@ -29,10 +29,9 @@ def listening_tcp_sockets() -> list[int]:
     except OSError:
         return []
     for fd in descriptors:
-        try:
-            probe = socket.socket(fileno=os.dup(fd))
-        except OSError:
-            continue  # not a socket, or closed meanwhile
+        probe = _socket_of(fd)
+        if probe is None:
+            continue
         with probe:
             if probe.family not in (socket.AF_INET, socket.AF_INET6) or probe.type != socket.SOCK_STREAM:
                 continue
@@ -47,12 +46,32 @@ def listening_tcp_sockets() -> list[int]:
     return found
 
 
+def _socket_of(fd: int) -> socket.socket | None:
+    """A socket object over a duplicate of `fd` (closing it leaves `fd` open); None when `fd` is no socket.
+
+    The duplicate is closed on every path: a leaked copy of, say, a pipe's write end would keep that pipe open
+    and the process at its other end waiting for an end of file that never comes.
+    """
+    try:
+        duplicate = os.dup(fd)
+    except OSError:
+        return None  # closed meanwhile
+    try:
+        return socket.socket(fileno=duplicate)
+    except OSError:
+        os.close(duplicate)
+        return None
+
+
 def disable_nagle_on_listeners() -> int:
     """Set TCP_NODELAY on every listening TCP socket of this process; returns how many were set."""
     count = 0
     for fd in listening_tcp_sockets():
+        listener = _socket_of(fd)
+        if listener is None:
+            continue
         try:
-            with socket.socket(fileno=os.dup(fd)) as listener:
+            with listener:
                 listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             count += 1
         except OSError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 from clawdbot.tcp_nodelay import disable_nagle_on_listeners, listening_tcp_sockets
@@ -32,3 +33,16 @@ def test_connected_sockets_are_not_taken_for_listeners() -> None:
             found = listening_tcp_sockets()
             assert listener.fileno() in found
             assert client.fileno() not in found and accepted.fileno() not in found
+
+
+def test_no_descriptor_is_left_open_behind() -> None:
+    """A leaked duplicate of a pipe kept the Playwright driver waiting for end of file: the suite hung."""
+    read_end, write_end = os.pipe()
+    try:
+        before = sorted(os.listdir("/proc/self/fd"))
+        listening_tcp_sockets()
+        disable_nagle_on_listeners()
+        assert sorted(os.listdir("/proc/self/fd")) == before
+    finally:
+        os.close(read_end)
+        os.close(write_end)
