@@ -195,7 +195,7 @@ class Message(Base):
     )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # JSON list of the charts tools drew for this answer, each {"title", "kind", "figure"} (Plotly figure JSON),
-    # so the conversation shows them again after a reload (migration 0008).
+    # so the conversation shows them again after a reload (migration 0007).
     charts: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
 
 

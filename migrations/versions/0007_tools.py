@@ -4,8 +4,8 @@ Admin-defined HTTP tools need no change: the `tools` table of 0001 already holds
 schema, URL, method, headers, timeout and response cap. Existing messages get an empty list through the server
 default. The column is added and dropped in place (`recreate="never"`), never by copying `messages`.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-04 13:30:00.000000
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0008"
-down_revision: str | None = "0007"
+revision: str = "0007"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
