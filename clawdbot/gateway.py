@@ -212,9 +212,12 @@ class Gateway:
         }
         ticket: Ticket | None = None
         admitted_at: float | None = None
+        queued_at: float | None = None
         try:
             try:
                 self.limiter.check(request.user)
+                # The queue is the wait for a slot only: planning and the `started` record come before it.
+                queued_at = time.perf_counter()
                 ticket = self.admission.enter()
             except (RateLimitedError, BusyError) as exc:
                 status = Status.RATE_LIMITED if isinstance(exc, RateLimitedError) else Status.BUSY
@@ -240,14 +243,14 @@ class Gateway:
                 ticket.release()
                 if admitted_at is not None:
                     self.admission.record_service_time(time.perf_counter() - admitted_at)
-            finished = self._finish(request_id, request, state, outcome, entered, admitted_at)
+            finished = self._finish(request_id, request, state, outcome, entered, queued_at, admitted_at)
         yield finished
 
     def reject(self, request: ChatRequest, message: str) -> Finished:
         """Record input refused before any model call (`rejected_input`), so the refusal is audited too."""
         request_id = self._start(request)
         outcome = {"status": Status.REJECTED_INPUT, "message": message}
-        return self._finish(request_id, request, _Attempt(), outcome, time.perf_counter(), None)
+        return self._finish(request_id, request, _Attempt(), outcome, time.perf_counter(), None, None)
 
     def _start(self, request: ChatRequest, **fields: Any) -> int:
         """Write the `started` record; nothing reaches a model without it."""
@@ -502,6 +505,7 @@ class Gateway:
         state: _Attempt,
         outcome: dict[str, Any],
         entered: float,
+        queued_at: float | None,
         admitted_at: float | None,
     ) -> Finished:
         ended = time.perf_counter()
@@ -529,7 +533,9 @@ class Gateway:
             response="".join(state.content),
             thinking="".join(state.thinking),
             tool_calls=state.tool_calls,
-            queue_ms=(admitted_at - entered) * 1000 if admitted_at is not None else None,
+            queue_ms=(admitted_at - queued_at) * 1000
+            if admitted_at is not None and queued_at is not None
+            else None,
             ttft_ms=ttft_ms,
             latency_ms=(ended - entered) * 1000,
             tokens_per_s=tokens_per_s,

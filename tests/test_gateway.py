@@ -239,6 +239,23 @@ def test_timings_are_measured_inside_the_stream_and_recorded(
     chain_ok(db, 1)
 
 
+def test_planning_and_the_started_record_are_not_counted_as_queue_time(
+    sim: OllamaSimulator, gateway: Gateway, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With free slots the wait is nil, however long the context takes to plan (a tokenizer loading, say)."""
+    plan = gateway._plan
+
+    def slow_plan(request: ChatRequest, backend: Any) -> Any:
+        time.sleep(0.5)
+        return plan(request, backend)
+
+    monkeypatch.setattr(gateway, "_plan", slow_plan)
+    _, finished = drain(gateway, ask())
+    record = row(db, finished.request_id)
+    assert record.latency_ms is not None and record.latency_ms >= 500
+    assert record.queue_ms is not None and record.queue_ms < 250
+
+
 def test_queue_ms_is_the_time_spent_waiting_for_a_slot(
     sim: OllamaSimulator, make_runtime: MakeRuntime, db: Database
 ) -> None:
