@@ -116,7 +116,7 @@ class ChatService:
             conversation_id=conversation_id,
             think=think,
         )
-        problem = _check_prompt(prompt)
+        problem = prompt_problem(prompt)
         batch = self.attachments.read_all(attachments) if attachments and not problem else AttachmentBatch()
         problem = problem or batch.refusal
         request = replace(
@@ -201,7 +201,7 @@ class ChatService:
         messages.append({"role": "user", "content": prompt})
         request = agent_request(config, messages, user=user, prompt=prompt, client_ip=client_ip, agent=label)
         request = self._with_tools(request, config.tools)
-        rejected = _check_prompt(prompt)
+        rejected = prompt_problem(prompt)
         if rejected:
             finished = self.gateway.reject(request, rejected)
             self.agents.record_trial(user, label, finished.request_id, finished.status.value, config.model)
@@ -258,9 +258,14 @@ def agent_request(
     )
 
 
-def _check_prompt(prompt: str) -> str:
+def prompt_problem(
+    prompt: str,
+    subject: str = "the message",
+    too_long_hint: str = ": attach long text as a file instead",
+) -> str:
+    """Why `prompt` cannot be sent (empty, or too long), in words for whoever wrote it; "" when it can."""
     if not prompt.strip():
-        return "the message is empty: type a question or instruction"
+        return f"{subject} is empty: type a question or instruction"
     if len(prompt) > MAX_PROMPT_CHARS:
-        return f"the message is longer than {MAX_PROMPT_CHARS} characters: attach long text as a file instead"
+        return f"{subject} is longer than {MAX_PROMPT_CHARS} characters{too_long_hint}"
     return ""

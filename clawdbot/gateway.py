@@ -39,7 +39,7 @@ from clawdbot.errors import BusyError, ClawdbotError, RateLimitedError
 from clawdbot.models import Status
 from clawdbot.ratelimit import RateLimiter
 from clawdbot.settings import Settings
-from clawdbot.tokens import counter_for
+from clawdbot.tokens import TokenCounter, counter_for
 from clawdbot.tools import Toolbox, ToolResult
 
 log = logging.getLogger(__name__)
@@ -268,6 +268,10 @@ class Gateway:
             **fields,
         )
 
+    def _counter(self, request: ChatRequest, backend: Backend) -> TokenCounter:
+        """The tokenizer of the model that will read the messages (cached per model by `counter_for`)."""
+        return counter_for(request.model, backend.name, model_path=self.settings.embedded_model or None)
+
     def _budget(self, request: ChatRequest, backend: Backend) -> int:
         budget = request.context_budget
         if backend.name == "embedded":
@@ -277,7 +281,7 @@ class Gateway:
 
     def _plan(self, request: ChatRequest, backend: Backend) -> ContextPlan:
         """Fit the messages into the budget, counted with the tokenizer of the model that will read them."""
-        counter = counter_for(request.model, backend.name, model_path=self.settings.embedded_model or None)
+        counter = self._counter(request, backend)
         budget = self._budget(request, backend)
         messages = request.messages
         system = messages[0] if messages and messages[0].get("role") == "system" else None
@@ -394,7 +398,7 @@ class Gateway:
         tools: list[dict[str, Any]] | None,
     ) -> list[dict[str, Any]]:
         """The messages for the next round: the assistant's calls, then each result, cut to fit the budget."""
-        counter = counter_for(request.model, backend.name, model_path=self.settings.embedded_model or None)
+        counter = self._counter(request, backend)
         calls = [{"function": {"name": r.name, "arguments": r.arguments}} for r in results]
         said: dict[str, Any] = (
             {"content": content} if content else {}
@@ -442,10 +446,7 @@ class Gateway:
             keep_alive=self.settings.keep_alive,
         )
         if state.sent is not None:
-            counter = counter_for(
-                request.model, backend.name, model_path=self.settings.embedded_model or None
-            )
-            state.sent_tokens = counter.count_messages(messages, tools)
+            state.sent_tokens = self._counter(request, backend).count_messages(messages, tools)
         asked: list[tuple[int, ToolCall]] = []
         events = backend.stream(call)
         try:

@@ -37,6 +37,7 @@ from starlette.types import Receive, Scope, Send
 from clawdbot.agents import model_catalog
 from clawdbot.api_keys import ApiKeyRefusedError, api_keys_of
 from clawdbot.backends import ContentDelta, ThinkingDelta
+from clawdbot.chat import prompt_problem
 from clawdbot.errors import ClawdbotError
 from clawdbot.gateway import ChatRequest, ContextPlanned, Finished, GatewayEvent, Started
 from clawdbot.models import Request as RequestRecord
@@ -51,7 +52,6 @@ from clawdbot.openai_requests import (
     may_chat,
     may_use_raw_models,
     parse_completion,
-    prompt_problem,
 )
 from clawdbot.runtime import Runtime
 from clawdbot.users import UserInfo
@@ -165,7 +165,7 @@ class _Completion:
         except ApiError as exc:
             _record_refusal(runtime, user, self._body, self.client_ip, exc)
             raise
-        problem = prompt_problem(self.request.prompt)
+        problem = prompt_problem(self.request.prompt, "the last user message", too_long_hint="")
         if problem:
             runtime.gateway.reject(self.request, problem)
             raise bad_request(problem, f"messages[{len(self.params.messages) - 1}].content", "rejected_input")

@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from clawdbot.chat import MAX_PROMPT_CHARS, agent_request
+from clawdbot.chat import agent_request
 from clawdbot.errors import NotFoundError
 from clawdbot.gateway import ChatRequest, Finished
 from clawdbot.models import Role, Status
@@ -205,14 +205,6 @@ def parse_completion(body: Any) -> CompletionParams:
         temperature=_number(body, "temperature", 0, 2),
         top_p=_number(body, "top_p", 0, 1),
     )
-
-
-def prompt_problem(prompt: str) -> str:
-    if not prompt.strip():
-        return "the last user message is empty: give it a question or instruction"
-    if len(prompt) > MAX_PROMPT_CHARS:
-        return f"the last user message is longer than {MAX_PROMPT_CHARS} characters"
-    return ""
 
 
 def chat_request(runtime: Runtime, user: UserInfo, params: CompletionParams, client_ip: str) -> ChatRequest:
